@@ -1,0 +1,29 @@
+"""Input pipelines: corpora on disk and grain text pipelines."""
+
+from genjax.data.corpus import (
+    expand_paths,
+    read_texts,
+    split_by_module,
+    stdlib_files,
+    stdlib_root,
+)
+from genjax.data.text import (
+    make_eval_batches,
+    make_train_iterator,
+    pack,
+    prepare_corpus,
+    tokenize_documents,
+)
+
+__all__ = [
+    "expand_paths",
+    "make_eval_batches",
+    "make_train_iterator",
+    "pack",
+    "prepare_corpus",
+    "read_texts",
+    "split_by_module",
+    "stdlib_files",
+    "stdlib_root",
+    "tokenize_documents",
+]

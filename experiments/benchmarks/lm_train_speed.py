@@ -1,0 +1,382 @@
+"""Language-model training throughput on CPU: genjax vs PyTorch eager and torch.compile.
+
+The BENCHMARKS.md configuration (preset "cpu-small": 6 layers, d_model 384, 6 heads of
+64, SwiGLU 1024, vocabulary 4096, tied embeddings) at sequence 256, batch 16, AdamW
+(lr 3e-4, betas 0.9/0.95, weight decay 0.1 on matrices, eps 1e-8, clip 1.0), float32,
+random token batches. The peer is `torch_llama.py`, the same model in plain PyTorch.
+
+Each side runs in its own subprocess, so its peak RSS (VmHWM of that process) is its
+own (torch.compile's compile workers, if any, are not counted). Per side: the first
+step alone (compile time for genjax and torch.compile), `--warmup` more steps, then
+`--reps` repetitions of `--steps` timed steps; tokens/s is the median over the
+repetitions. Throughput is also given as achieved GFLOP/s and as MFU against this
+machine's float32 matmul rate (2048³ matmul, best of numpy, jax and torch, median of
+7), with FLOPs counted as BENCHMARKS.md says (`flops_per_token`).
+
+    python experiments/benchmarks/lm_train_speed.py                      # print the table
+    python experiments/benchmarks/lm_train_speed.py --results experiments/benchmarks/RESULTS.md
+    python experiments/benchmarks/lm_train_speed.py --preset tiny --batch 2 --seq 32 \\
+        --steps 2 --reps 2 --warmup 1                                     # smoke test, ~1 min
+
+Hardware: a 2-core CPU. Expected time for the default run: ~4 minutes, most of it
+torch.compile's first step and the 3 × 10 steps of each side. Expected numbers there
+(BENCHMARKS.md): PyTorch eager ≈2,200 tokens/s, torch.compile ≈2,500; a plain JAX port
+ran at ≈0.55× eager. Needs the `bench` extra (torch==2.13.0, CPU build).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+SIDES = ("genjax", "torch_eager", "torch_compile")
+RESULT_TAG = "RESULT_JSON:"
+OPTIM = {"lr": 3e-4, "b1": 0.9, "b2": 0.95, "weight_decay": 0.1, "eps": 1e-8, "clip_norm": 1.0}
+
+
+def flops_per_token(cfg, seq_len: int | None = None) -> int:
+    """Training FLOPs per token: 6·(non-embedding params + LM-head matmul) + 6·L·T·D.
+
+    Non-embedding params are the blocks and the final norm; the LM head's V·D matmul is
+    counted once whether or not it is tied to the embedding. The last term is causal
+    attention (QKᵀ and AV, forward and backward, half the positions masked).
+
+    Unit check, "cpu-small" at T = 256:
+      per block 4·384·384 (q, k, v, o) + 3·384·1024 (SwiGLU) + 2·384 (norms) = 1,770,240;
+      × 6 layers + 384 (final norm) = 10,621,824 non-embedding; LM head 4096·384 = 1,572,864;
+      6 · 12,194,688 = 73,168,128; attention 6·6·256·384 = 3,538,944;
+      total 76,707,072 FLOPs per token (asserted in `main`).
+    """
+    T = cfg.max_seq_len if seq_len is None else seq_len
+    D, L, K, F, V = cfg.d_model, cfg.num_layers, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
+    attn = D * cfg.num_heads * K * 2 + D * cfg.num_kv_heads * K * 2  # q, o; k, v
+    block = attn + 3 * D * F + 2 * D
+    non_embedding = L * block + D
+    return 6 * (non_embedding + V * D) + 6 * L * T * D
+
+
+def cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 7) -> dict[str, float]:
+    """Median float32 n×n @ n×n rate in GFLOP/s of numpy's BLAS, XLA's and torch's."""
+
+    def rate(mm, a, b):
+        mm(a, b)  # warm the BLAS thread pool and caches
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            mm(a, b)
+            times.append(time.perf_counter() - t0)
+        return 2 * n**3 / statistics.median(times) / 1e9
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    rates = {"numpy": rate(np.matmul, a, b)}
+    import jax
+
+    jax_mm = jax.jit(lambda x, y: x @ y)
+    rates["jax"] = rate(lambda x, y: jax_mm(x, y).block_until_ready(), *jax.device_put((a, b)))
+    try:
+        import torch
+    except ImportError:
+        return rates
+    rates["torch"] = rate(torch.matmul, torch.from_numpy(a), torch.from_numpy(b))
+    return rates
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process image, in MB.
+
+    VmHWM, not `ru_maxrss`: Linux carries `ru_maxrss` across exec, so a child would
+    inherit its parent's peak (the driver imports jax and torch); VmHWM starts afresh
+    with the exec'd image.
+    """
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_steps(run_step, sync, spec: dict) -> dict:
+    """First step, warm-up, then `reps` timed windows of `steps` steps (sync at the end)."""
+    t0 = time.perf_counter()
+    sync(run_step(0))
+    first_s = time.perf_counter() - t0
+    for i in range(spec["warmup"]):
+        out = run_step(1 + i)
+    if spec["warmup"]:
+        sync(out)
+    window_s = []
+    i = 1 + spec["warmup"]
+    for _ in range(spec["reps"]):
+        t0 = time.perf_counter()
+        for _ in range(spec["steps"]):
+            out = run_step(i)
+            i += 1
+        last_loss = sync(out)
+        window_s.append(time.perf_counter() - t0)
+    tokens = spec["batch"] * spec["seq"] * spec["steps"]
+    return {
+        "first_step_s": first_s,
+        "tokens_per_s": [tokens / s for s in window_s],
+        "last_loss": last_loss,
+    }
+
+
+def token_batches(spec: dict) -> list[np.ndarray]:
+    """A few random int32 [B, T+1] batches, identical across sides."""
+    rng = np.random.default_rng(0)
+    shape = (spec["batch"], spec["seq"] + 1)
+    return [rng.integers(0, spec["vocab_size"], shape, dtype=np.int32) for _ in range(4)]
+
+
+def run_genjax(spec: dict) -> dict:
+    import jax
+
+    from genjax import mesh as meshlib
+    from genjax import train
+    from genjax.models import transformer
+
+    cfg = transformer.get_preset(spec["preset"])
+    mesh = meshlib.make_mesh("data=1", devices=jax.devices()[:1])
+    opt_cfg = train.OptimConfig(
+        lr=OPTIM["lr"], warmup_steps=0, total_steps=1000, weight_decay=OPTIM["weight_decay"],
+        b1=OPTIM["b1"], b2=OPTIM["b2"], eps=OPTIM["eps"], clip_norm=OPTIM["clip_norm"],
+    )  # fmt: skip
+    optimizer = train.make_optimizer(opt_cfg)
+    state, shardings = train.create_train_state(
+        lambda key: transformer.init(cfg, key),
+        transformer.param_axes(cfg),
+        optimizer,
+        mesh,
+        seed=0,
+    )
+
+    def loss_fn(params, batch, *, key):
+        del key
+        return transformer.loss(cfg, params, batch)
+
+    step_fn = train.make_train_step(loss_fn, optimizer, opt_cfg)
+    step_fn = train.jit_train_step(step_fn, shardings, mesh)
+    batches = [meshlib.global_batch({"tokens": b}, mesh) for b in token_batches(spec)]
+    holder = {"state": state}
+
+    def run_step(i):
+        holder["state"], metrics = step_fn(holder["state"], batches[i % len(batches)])
+        return metrics
+
+    def sync(metrics):
+        jax.block_until_ready(holder["state"])
+        return float(metrics["loss"])
+
+    out = time_steps(run_step, sync, spec)
+    out["versions"] = {"jax": jax.__version__}
+    out["params"] = transformer.count_params(cfg)["total"]
+    return out
+
+
+def run_torch(spec: dict, compiled: bool) -> dict:
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    import torch_llama
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    cfg = torch_llama.Config(**spec["model"])
+    model = torch_llama.Llama(cfg)
+    n_params = torch_llama.count_params(model)
+    if n_params != spec["expected_params"]:
+        raise AssertionError(
+            f"torch peer has {n_params} parameters, genjax {spec['expected_params']}: "
+            "the two models are not the same shape"
+        )
+    opt = torch_llama.make_optimizer(
+        model, lr=OPTIM["lr"], betas=(OPTIM["b1"], OPTIM["b2"]),
+        weight_decay=OPTIM["weight_decay"], eps=OPTIM["eps"],
+    )  # fmt: skip
+    loss_fn = torch.compile(torch_llama.lm_loss) if compiled else torch_llama.lm_loss
+    batches = [torch.from_numpy(b).long() for b in token_batches(spec)]
+
+    def run_step(i):
+        return torch_llama.train_step(
+            model, opt, loss_fn, batches[i % len(batches)], clip_norm=OPTIM["clip_norm"]
+        )
+
+    out = time_steps(run_step, lambda loss: float(loss), spec)
+    out["versions"] = {"torch": torch.__version__}
+    out["params"] = n_params
+    return out
+
+
+def child_main(side: str, spec: dict) -> None:
+    if spec["threads"] < (os.cpu_count() or 1):
+        # Same cores for every side: XLA sizes its pool from the affinity mask.
+        os.sched_setaffinity(0, range(spec["threads"]))
+    if side == "genjax":
+        out = run_genjax(spec)
+    else:
+        out = run_torch(spec, compiled=side == "torch_compile")
+    out["peak_rss_mb"] = peak_rss_mb()
+    print(RESULT_TAG + json.dumps(out), flush=True)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_side(side: str, spec: dict) -> dict:
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--child", side, json.dumps(spec)]
+    print(f"[{side}] running ...", file=sys.stderr, flush=True)
+    # A fresh inductor cache: torch.compile's first step is a cold compile, like genjax's
+    # (JAX's persistent compilation cache is off by default).
+    with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"side {side!r} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
+    return json.loads(lines[-1][len(RESULT_TAG) :])
+
+
+def table(results: dict[str, dict], flops_tok: int, peak_gflops: float) -> list[str]:
+    rows = [
+        "| side | first step (s) | tokens/s (median) | min–max | GFLOP/s | MFU "
+        "| peak RSS (MB) | loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for side, r in results.items():
+        tps = statistics.median(r["tokens_per_s"])
+        gflops = tps * flops_tok / 1e9
+        rows.append(
+            f"| {side} | {r['first_step_s']:.1f} | {tps:,.0f} | "
+            f"{min(r['tokens_per_s']):,.0f}–{max(r['tokens_per_s']):,.0f} | {gflops:.1f} | "
+            f"{gflops / peak_gflops:.1%} | {r['peak_rss_mb']:,.0f} | {r['last_loss']:.3f} |"
+        )
+    return rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="cpu-small", help="genjax transformer preset")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per repetition")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of these")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU cores per side")
+    p.add_argument("--results", type=pathlib.Path, help="append a dated section to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from genjax.models import transformer
+
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    unknown = sorted(set(sides) - set(SIDES))
+    if unknown or not sides:
+        raise SystemExit(f"--sides: unknown {unknown}; choose from {','.join(SIDES)}")
+    for name in ("batch", "seq", "steps", "reps", "threads"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be >= 1")
+    cfg = transformer.get_preset(args.preset)
+    if args.seq > cfg.max_seq_len:
+        raise SystemExit(f"--seq {args.seq} exceeds max_seq_len {cfg.max_seq_len} of {args.preset}")
+    if args.preset == "cpu-small":
+        assert flops_per_token(cfg, 256) == 76_707_072, "FLOP count disagrees with the docstring"
+
+    import torch_llama  # the peer's config: genjax's fields, minus the JAX-only ones
+
+    torch_fields = {f.name for f in dataclasses.fields(torch_llama.Config)}
+    spec = {
+        "preset": args.preset,
+        "model": {k: v for k, v in dataclasses.asdict(cfg).items() if k in torch_fields},
+        "expected_params": transformer.count_params(cfg)["total"],
+        "vocab_size": cfg.vocab_size,
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "threads": args.threads,
+    }
+    rates = matmul_gflops()
+    peak_lib = max(rates, key=rates.get)
+    results = {side: run_side(side, spec) for side in sides}
+
+    flops_tok = flops_per_token(cfg, args.seq)
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    for r in results.values():
+        versions.update(r["versions"])
+    lines = table(results, flops_tok, rates[peak_lib])
+    torch_sides = [s for s in results if s.startswith("torch")]
+    if "genjax" in results and torch_sides:
+        best = max(torch_sides, key=lambda s: statistics.median(results[s]["tokens_per_s"]))
+        ratio = statistics.median(results["genjax"]["tokens_per_s"]) / statistics.median(
+            results[best]["tokens_per_s"]
+        )
+        lines += ["", f"genjax / best PyTorch ({best}): **{ratio:.2f}×**"]
+    header = [
+        f"preset {args.preset!r}, {spec['expected_params']:,} params, batch {args.batch} × seq "
+        f"{args.seq}, {flops_tok / 1e6:.1f} MFLOP/token; {args.steps} steps × {args.reps} reps "
+        f"after {1 + args.warmup} warm-up steps; {args.threads} threads",
+        "matmul fp32 2048³ (median of 7): "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items())
+        + f"; MFU against {peak_lib}",
+    ]
+    print("\n".join([*header, "", *lines]))
+
+    if args.results:
+        command = "python " + shlex.join([os.path.relpath(__file__), *(argv or sys.argv[1:])])
+        section = [
+            "",
+            f"## LM training throughput — {datetime.date.today().isoformat()}",
+            "",
+            f"- machine: {cpu_name()}, {os.cpu_count()} cores, {platform.machine()}",
+            "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+            f"- command: `{command}`",
+            *(f"- {h}" for h in header),
+            "",
+            *lines,
+            "",
+        ]
+        with args.results.open("a") as f:
+            f.write("\n".join(section))
+        print(f"appended to {args.results}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child_main(sys.argv[2], json.loads(sys.argv[3]))
+    else:
+        main()

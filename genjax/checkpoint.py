@@ -1,0 +1,258 @@
+"""A run's checkpoints with orbax: train state + data-iterator position + config.
+
+One `Checkpointer` per work directory. Each step directory holds three items:
+
+    <dir>/<step>/state/   the train state (sharded arrays, ocdbt)
+    <dir>/<step>/data/    grain iterator state, one `process_{i}-of-{n}.json` per process
+    <dir>/<step>/config/  the run config as JSON
+
+Saves are asynchronous: `save` returns once the arrays are copied off the
+device, and the files are written in the background. Orbax writes a step into
+`<step>.orbax-checkpoint-tmp` and renames it when every item is written, so a
+run killed mid-save leaves a tmp directory that is never listed as a step (and
+is removed when the next `Checkpointer` opens the directory).
+
+`restore` checks the saved config against this run's before reading any
+tensor, then tries the newest step and falls back to older ones if a step is
+corrupt, so a damaged checkpoint costs progress, not the run.
+"""
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+
+_MISSING = "<missing>"
+
+
+class ConfigMismatchError(ValueError):
+    """The checkpoint was written by a run with a different (compared) config."""
+
+
+class Checkpointer:
+    """A run's checkpoints: train state + data-iterator position + config, async, keep-last-K."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        config: dict,
+        keep: int = 3,
+        save_every: int | None = None,
+        async_save: bool = True,
+        compare_keys: Sequence[str] = ("model",),
+    ):
+        """Opens (or creates) `directory`.
+
+        Args:
+          config: this run's JSON-able config, saved with every step.
+          keep: how many of the newest steps to keep on disk.
+          save_every: `save` writes steps that are multiples of this; None: only forced
+            saves (end of run, signals) and preemption saves.
+          async_save: write in the background (False: `save` blocks until written).
+          compare_keys: top-level config keys that must match a checkpoint to restore it.
+        """
+        self.directory = os.fspath(directory)
+        # A JSON round trip makes tuples lists, as they come back from disk, and
+        # fails here, not in a background save, if the config is not JSON-able.
+        self.config = json.loads(json.dumps(config))
+        self.save_every = save_every
+        self.compare_keys = tuple(compare_keys)
+        # Steps this object found unrestorable; `save` may replace them.
+        self._corrupt_steps: set[int] = set()
+        # (step, due): JAX's preemption check must run once per step, not per call.
+        self._due: tuple[int, bool] | None = None
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+            enable_async_checkpointing=async_save,
+            create=True,
+            # Leftovers of saves killed mid-write; nothing else writes here.
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step (it may still turn out corrupt on restore)."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Committed steps, oldest first; in-progress (tmp) saves are not listed."""
+        return sorted(self._manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step)` would write: a multiple of `save_every` or JAX's
+        preemption sync point, and not already on disk. Call it every step on
+        every process (JAX's preemption protocol needs that)."""
+        if self._due is None or self._due[0] != step:
+            due = self.save_every is not None and step % self.save_every == 0
+            self._due = (step, due or self._manager.reached_preemption(step))
+        return self._due[1] and not self._on_disk(step)
+
+    def save(self, step: int, state: Any, data_iterator=None, *, force: bool = False) -> bool:
+        """Starts an async save of `state` (+ iterator position, config) at `step`.
+
+        Saves when `should_save(step)` or `force`; returns whether a save started.
+        A step already on disk is never overwritten, unless this object found it
+        corrupt while restoring. Blocks only while the previous save finishes and
+        the arrays are copied off the device; call `wait` before exiting.
+        """
+        if not (force or self.should_save(step)) or self._on_disk(step):
+            return False
+        if step in self._corrupt_steps and step in self._manager.all_steps():
+            warnings.warn(
+                f"replacing corrupt checkpoint step {step} in {self.directory}", stacklevel=2
+            )
+            self._manager.delete(step)
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "config": ocp.args.JsonSave(self.config),
+        }
+        if data_iterator is not None:
+            # grain's handler reads the iterator state before save returns, so the
+            # loop may advance the iterator right away.
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        # force: the cadence was decided above; orbax's own policy would also
+        # refuse steps older than the newest one (after a fallback restore).
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._corrupt_steps.discard(step)
+        return saved
+
+    def restore(self, abstract_state: Any, data_iterator=None) -> tuple[Any, int] | None:
+        """Restores the newest restorable step; None if the directory has no checkpoint.
+
+        `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding`:
+        arrays are read straight into those shardings. `data_iterator` is set to
+        the saved position in place. Raises ConfigMismatchError (before reading
+        any tensor) if the compared config keys differ, and RuntimeError if
+        checkpoints exist but none can be restored.
+        """
+        self._manager.wait_until_finished()
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        failures = []
+        for i, step in enumerate(steps):
+            try:
+                saved_config = self._read_config(step)
+            except Exception as e:
+                self._skip(step, e, failures, has_older=i + 1 < len(steps))
+                continue
+            # Outside the try: a mismatch is the user's to fix, not a reason to fall back.
+            self._check_config(saved_config, step)
+            try:
+                state = self._restore_items(step, abstract_state, data_iterator)
+            except Exception as e:
+                self._skip(step, e, failures, has_older=i + 1 < len(steps))
+                continue
+            return state, step
+        reasons = "\n".join(f"  step {s}: {r}" for s, r in failures)
+        raise RuntimeError(
+            f"no checkpoint in {self.directory} could be restored:\n{reasons}\n"
+            "If every step fails the same way, the state being restored into probably "
+            "differs from the saved one (another optimizer or model)."
+        )
+
+    def saved_config(self, step: int | None = None) -> dict | None:
+        """The config saved at `step` (default: the newest step whose config reads)."""
+        if step is not None:
+            return self._read_config(step)
+        for s in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                return self._read_config(s)
+            except Exception:
+                continue
+        return None
+
+    def check_config(self) -> None:
+        """Raises ConfigMismatchError now if the newest readable checkpoint was written
+        with another config: lets a run refuse before preparing data or compiling."""
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                saved = self._read_config(step)
+            except Exception:
+                continue
+            self._check_config(saved, step)
+            return
+
+    def wait(self) -> None:
+        """Blocks until the in-flight save (if any) is committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finishes the in-flight save and releases orbax's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _on_disk(self, step: int) -> bool:
+        """A committed step that is not known to be corrupt."""
+        return step in self._manager.all_steps() and step not in self._corrupt_steps
+
+    def _read_config(self, step: int) -> dict:
+        args = ocp.args.Composite(config=ocp.args.JsonRestore())
+        return self._manager.restore(step, args=args)["config"]
+
+    def _check_config(self, saved: dict, step: int) -> None:
+        diffs = config_diff(saved, self.config, self.compare_keys)
+        if diffs:
+            lines = "\n".join(f"  {d}" for d in diffs)
+            raise ConfigMismatchError(
+                f"checkpoint step {step} in {self.directory} was written with a different "
+                f"config:\n{lines}\nUse a fresh --workdir, or rerun with the checkpoint's "
+                "config (Checkpointer.saved_config())."
+            )
+
+    def _restore_items(self, step: int, abstract_state: Any, data_iterator) -> Any:
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def _skip(self, step: int, error: Exception, failures: list, *, has_older: bool) -> None:
+        """Records a step that would not restore and warns that it is skipped."""
+        # tensorstore errors carry a full JSON spec after the first line.
+        first_line = (str(error).splitlines() or [""])[0]
+        reason = f"{type(error).__name__}: {first_line[:300]}"
+        failures.append((step, reason))
+        self._corrupt_steps.add(step)
+        then = "falling back to the previous one" if has_older else "no older checkpoint left"
+        warnings.warn(
+            f"skipping checkpoint step {step} in {self.directory}: {reason}; {then}",
+            stacklevel=3,
+        )
+
+
+def config_diff(saved: dict, current: dict, keys: Sequence[str]) -> list[str]:
+    """Lines "a.b: checkpoint X, this run Y" for every differing field under `keys`."""
+    flat_saved, flat_current = _flatten(saved, keys), _flatten(current, keys)
+    diffs = []
+    for name in sorted(flat_saved.keys() | flat_current.keys()):
+        a, b = flat_saved.get(name, _MISSING), flat_current.get(name, _MISSING)
+        if a != b:
+            diffs.append(f"{name}: checkpoint {_show(a)}, this run {_show(b)}")
+    return diffs
+
+
+def _flatten(config: dict, keys: Sequence[str]) -> dict[str, Any]:
+    """`config[k]` for k in `keys` as {"k.a.b": leaf}; an empty dict is a leaf."""
+    flat = {}
+    stack = [(k, config[k]) for k in keys if k in config]
+    while stack:
+        name, value = stack.pop()
+        if isinstance(value, dict) and value:
+            stack.extend((f"{name}.{k}", v) for k, v in value.items())
+        else:
+            flat[name] = value
+    return flat
+
+
+def _show(value: Any) -> str:
+    return value if value is _MISSING else json.dumps(value)

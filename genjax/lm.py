@@ -1,0 +1,357 @@
+"""Language-model pre-training, wired from the shared parts.
+
+corpus files → sentencepiece → packed rows → grain iterator (per process)
+→ global sharded batches → jitted step → orbax checkpoints; validation and
+``genjax.score`` report bits per byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import pathlib
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from genjax import config as configlib
+from genjax import evaluate as evallib
+from genjax import mesh as meshlib
+from genjax import train
+from genjax.checkpoint import Checkpointer
+from genjax.data import corpus as corpuslib
+from genjax.data import text as textlib
+from genjax.metrics_log import MetricsLogger
+from genjax.models import transformer
+from genjax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    corpus: tuple[str, ...] = ()  # files or folders of text; empty = this Python's stdlib
+    val_fraction: float = 0.02  # share of modules held out for validation
+    seq_len: int = 256  # tokens per training row (the model's context)
+    global_batch_size: int = 16  # rows per optimizer step, summed over processes
+    seed: int = 0  # shuffle seed
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    steps: int = 400  # optimizer steps in total (a resumed run continues to this)
+    checkpoint_every: int = 50  # steps between checkpoints
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    log_every: int = 10  # steps between metrics.jsonl records
+    eval_every: int = 0  # steps between validation passes; 0 = only at the end
+    mesh: str = "data=-1"  # device mesh, e.g. "data=2,fsdp=2,tensor=2"
+    seed: int = 0  # parameter init and per-step RNG
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    model: transformer.Config = dataclasses.field(default_factory=transformer.Config)
+    optim: train.OptimConfig = dataclasses.field(default_factory=train.OptimConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def corpus_split(data: DataConfig) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
+    """Train and validation files, split by module so no module sits on both sides."""
+    if data.corpus:
+        files = corpuslib.expand_paths(data.corpus)
+        if not files:
+            raise ValueError(
+                f"corpus is empty: {', '.join(data.corpus)} holds no .py or .txt files; "
+                f"pass --corpus with files or folders of text"
+            )
+        root = None
+    else:
+        root = corpuslib.stdlib_root()
+        files = corpuslib.stdlib_files(root)
+    return corpuslib.split_by_module(files, val_fraction=data.val_fraction, root=root)
+
+
+def load_or_train_tokenizer(
+    workdir: pathlib.Path, texts: Sequence[str], vocab_size: int
+) -> Tokenizer:
+    path = workdir / "tokenizer.model"
+    if path.exists():
+        tok = Tokenizer.load(path)
+        if tok.vocab_size != vocab_size:
+            raise ValueError(
+                f"{path} has vocabulary {tok.vocab_size} but the model expects {vocab_size}; "
+                f"use a fresh --workdir or set model.vocab_size={tok.vocab_size}"
+            )
+        return tok
+    if jax.process_index() == 0:
+        Tokenizer.train(texts, vocab_size=vocab_size, model_path=path)
+    _sync("tokenizer")
+    return Tokenizer.load(path)
+
+
+def token_rows(
+    tok: Tokenizer, texts: Sequence[str], seq_len: int, cache_dir: pathlib.Path
+) -> np.ndarray:
+    """Packed [N, seq_len + 1] rows, cached by a hash of texts and tokenizer."""
+    digest = hashlib.sha256(pathlib.Path(tok.model_path).read_bytes())
+    for t in texts:
+        digest.update(hashlib.sha256(t.encode()).digest())
+    path = cache_dir / f"rows-{seq_len}-{digest.hexdigest()[:16]}.npy"
+    if path.exists():
+        return np.load(path)
+    rows = textlib.pack(textlib.tokenize_documents(tok, list(texts)), seq_len)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{jax.process_index()}.tmp.npy")
+    np.save(tmp, rows)
+    tmp.replace(path)
+    return rows
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def global_batches(local_iter: Iterator[dict], mesh) -> Iterator[dict[str, jax.Array]]:
+    for local in local_iter:
+        yield meshlib.global_batch(local, mesh)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def scoring_rows(tokens: np.ndarray, seq_len: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows that predict every token of a document exactly once.
+
+    The document is preceded by the end-of-document token (its beginning, as in
+    training); rows of seq_len + 1 tokens overlap by one so each row's targets
+    continue where the last row's stopped. Returns rows [N, L+1] and mask [N, L].
+    """
+    stream = np.concatenate([[eos_id], np.asarray(tokens, np.int32)])
+    n_rows = max(1, math.ceil((len(stream) - 1) / seq_len))
+    rows = np.full((n_rows, seq_len + 1), eos_id, np.int32)
+    mask = np.zeros((n_rows, seq_len), np.float32)
+    for i in range(n_rows):
+        chunk = stream[i * seq_len : i * seq_len + seq_len + 1]
+        rows[i, : len(chunk)] = chunk
+        mask[i, : len(chunk) - 1] = 1.0
+    return rows, mask
+
+
+@functools.lru_cache(maxsize=8)
+def _nll_sums_fn(cfg: transformer.Config):
+    # One function object per config, so evaluate's compile cache hits on every pass.
+    return functools.partial(transformer.nll_sums, cfg)
+
+
+def bits_per_byte(
+    cfg: transformer.Config,
+    params,
+    tok: Tokenizer,
+    texts: Sequence[str],
+    *,
+    seq_len: int,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Total negative log2-likelihood of the texts' tokens ÷ their UTF-8 bytes,
+    evaluated across all local devices."""
+    rows, masks = zip(
+        *(scoring_rows(t, seq_len, tok.eos_id) for t in tok.encode_batch(list(texts))), strict=True
+    )
+    rows, masks = np.concatenate(rows), np.concatenate(masks)
+    # Pad to whole batches (mask 0) so every batch has one shape: one compile.
+    pad = -len(rows) % batch_size
+    rows = np.concatenate([rows, np.full((pad, rows.shape[1]), tok.eos_id, np.int32)])
+    masks = np.concatenate([masks, np.zeros((pad, masks.shape[1]), np.float32)])
+    batches = (
+        {"tokens": rows[i : i + batch_size], "mask": masks[i : i + batch_size]}
+        for i in range(0, len(rows), batch_size)
+    )
+    sums = evallib.evaluate(_nll_sums_fn(cfg), params, batches)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    bits = sums["nll"] / math.log(2)
+    return {
+        "bits_per_byte": bits / max(n_bytes, 1),
+        "bits": bits,
+        "bytes": n_bytes,
+        "tokens": sums["tokens"],
+    }
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def config_to_dict(cfg: PretrainConfig) -> dict[str, Any]:
+    return configlib.to_dict(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> PretrainConfig:
+    return configlib.from_dict(PretrainConfig, d)
+
+
+def _lm_loss(cfg: transformer.Config):
+    def loss_fn(params, batch, *, key):
+        del key  # no dropout in this model
+        return transformer.loss(cfg, params, batch)
+
+    return loss_fn
+
+
+def build_state(cfg: PretrainConfig, mesh):
+    """Optimizer, sharded train state and the jitted step for this config."""
+    optimizer = train.make_optimizer(cfg.optim)
+    state, shardings = train.create_train_state(
+        lambda key: transformer.init(cfg.model, key),
+        transformer.param_axes(cfg.model),
+        optimizer,
+        mesh,
+        seed=cfg.run.seed,
+    )
+    step_fn = train.make_train_step(_lm_loss(cfg.model), optimizer, cfg.optim)
+    return state, shardings, train.jit_train_step(step_fn, shardings, mesh)
+
+
+def validate(cfg: PretrainConfig, mesh) -> None:
+    """Everything that can be wrong with a config, checked before any compile."""
+    meshlib.check_batch_size(cfg.data.global_batch_size, mesh)
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}"
+        )
+    local = cfg.data.global_batch_size // jax.process_count()
+    per_device = cfg.data.global_batch_size // meshlib.data_parallel_size(mesh)
+    if per_device % cfg.optim.grad_accum:
+        raise ValueError(
+            f"optim.grad_accum={cfg.optim.grad_accum} does not divide the per-device batch "
+            f"{per_device} (global {cfg.data.global_batch_size}, {local} per process)"
+        )
+    meshlib.tree_shardings(
+        transformer.param_axes(cfg.model), transformer.abstract_params(cfg.model), mesh
+    )
+
+
+def pretrain(cfg: PretrainConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Trains (or resumes) a language model in ``workdir``; returns final metrics."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = meshlib.make_mesh(cfg.run.mesh)
+    validate(cfg, mesh)
+    checkpointer = Checkpointer(
+        workdir / "checkpoints",
+        config=config_to_dict(cfg),
+        keep=cfg.run.keep_checkpoints,
+        save_every=cfg.run.checkpoint_every,
+    )
+    checkpointer.check_config()  # refuse another model's checkpoints before any work
+
+    t0 = time.perf_counter()
+    train_files, val_files = corpus_split(cfg.data)
+    train_texts = [t for _, t in corpuslib.read_texts(train_files)]
+    val_texts = [t for _, t in corpuslib.read_texts(val_files)] if val_files else []
+    tok = load_or_train_tokenizer(workdir, train_texts, cfg.model.vocab_size)
+    rows = token_rows(tok, train_texts, cfg.data.seq_len, workdir / "data")
+    data_iter = textlib.make_train_iterator(
+        rows,
+        global_batch_size=cfg.data.global_batch_size,
+        seed=cfg.data.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    prep_s = time.perf_counter() - t0
+
+    state, shardings, step_fn = build_state(cfg, mesh)
+    restored = checkpointer.restore(train.abstract_train_state(state, shardings), data_iter)
+    if restored is not None:
+        state, step = restored
+        print(f"resumed from step {step} in {workdir / 'checkpoints'}", flush=True)
+
+    logger = MetricsLogger(
+        workdir,
+        total_steps=cfg.run.steps,
+        start_step=int(jax.device_get(state.step)),
+        enabled=jax.process_index() == 0,
+    )
+    logger.write(
+        f"{transformer.count_params(cfg.model)['total']:,} parameters · mesh {dict(mesh.shape)} · "
+        f"{len(rows):,} training rows of {cfg.data.seq_len} tokens · data prepared in {prep_s:.1f}s"
+    )
+
+    def eval_fn(s: train.TrainState) -> dict[str, float]:
+        return {
+            "val_bits_per_byte": bits_per_byte(
+                cfg.model, s.params, tok, val_texts, seq_len=cfg.data.seq_len
+            )["bits_per_byte"]
+        }
+
+    result = train.fit(
+        state,
+        step_fn,
+        global_batches(data_iter, mesh),
+        num_steps=cfg.run.steps,
+        checkpointer=checkpointer,
+        data_iterator=data_iter,
+        logger=logger,
+        log_every=cfg.run.log_every,
+        tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len,
+        eval_fn=eval_fn if (val_texts and cfg.run.eval_every) else None,
+        eval_every=cfg.run.eval_every,
+    )
+    summary: dict[str, Any] = {
+        "step": int(jax.device_get(result.state.step)),
+        "stopped_by": result.stopped_by_signal,
+    }
+    if result.stopped_by_signal is None and val_texts:
+        summary["val_bits_per_byte"] = eval_fn(result.state)["val_bits_per_byte"]
+        logger.log(summary["step"], {"val_bits_per_byte": summary["val_bits_per_byte"]})
+    logger.close()
+    checkpointer.close()
+    summary["state"] = result.state
+    summary["tokenizer"] = tok
+    return summary
+
+
+def load_for_scoring(workdir: str | pathlib.Path):
+    """(model config, params, tokenizer, seq_len) from the newest checkpoint in workdir."""
+    workdir = pathlib.Path(workdir)
+    ckpt_dir = workdir / "checkpoints"
+    saved = None
+    if ckpt_dir.is_dir():
+        with Checkpointer(ckpt_dir, config={}, compare_keys=()) as probe:
+            saved = probe.saved_config()
+    if saved is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {ckpt_dir}; train first with experiments/lm_pretrain.py"
+        )
+    cfg = config_from_dict(saved)
+    mesh = meshlib.make_mesh("data=-1")
+    optimizer = train.make_optimizer(cfg.optim)
+    abstract = jax.eval_shape(
+        lambda: train.TrainState(
+            np.int32(0),
+            transformer.init(cfg.model, jax.random.key(0)),
+            optimizer.init(transformer.init(cfg.model, jax.random.key(0))),
+            jax.random.key_data(jax.random.key(0)),
+        )
+    )
+    param_sh = meshlib.tree_shardings(transformer.param_axes(cfg.model), abstract.params, mesh)
+    shardings = train.state_shardings(abstract, param_sh, optimizer, mesh)
+    checkpointer = Checkpointer(ckpt_dir, config=saved, keep=10**6)
+    restored = checkpointer.restore(train.abstract_train_state(abstract, shardings))
+    checkpointer.close()
+    state, step = restored
+    return (
+        cfg.model,
+        state.params,
+        Tokenizer.load(workdir / "tokenizer.model"),
+        cfg.data.seq_len,
+        step,
+    )

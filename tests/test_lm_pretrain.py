@@ -1,0 +1,187 @@
+"""End to end: the pre-training script, kill-and-resume, scoring, bad input."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "lm_pretrain.py"
+STEPS = 40
+COMMON = [
+    "--preset", "tiny", "--steps", str(STEPS), "--checkpoint-every", "10",
+    "--mesh", "data=2,fsdp=2,tensor=2", "--sample-tokens", "0",
+    "--set", "data.seq_len=32", "data.global_batch_size=8", "run.log_every=1",
+    "model.vocab_size=384",
+]  # fmt: skip
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> pathlib.Path:
+    """A small real corpus: a few stdlib packages, split into train/val by module."""
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    for name in ("json", "email", "logging", "importlib", "html", "http"):
+        shutil.copytree(stdlib / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _run(workdir, corpus, *extra, check=True):
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--workdir",
+        str(workdir),
+        "--corpus",
+        str(corpus),
+        *COMMON,
+        *extra,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+def _start(workdir, corpus):
+    cmd = [sys.executable, str(SCRIPT), "--workdir", str(workdir), "--corpus", str(corpus), *COMMON]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
+    )
+
+
+def _losses(workdir) -> dict[int, float]:
+    """Last logged loss of every step (a resumed run re-logs steps after its checkpoint)."""
+    out = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def _committed_steps(workdir) -> list[int]:
+    d = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def _final_params(workdir):
+    from genjax import lm
+
+    _, params, _, _, step = lm.load_for_scoring(workdir)
+    assert step == STEPS
+    import jax
+
+    return jax.tree.leaves(jax.device_get(params))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    proc = _run(workdir, corpus)
+    return workdir, proc
+
+
+def test_run_logs_every_step_and_validates(uninterrupted):
+    workdir, proc = uninterrupted
+    losses = _losses(workdir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1]
+    assert "validation bits/byte" in proc.stdout
+    assert (workdir / "tokenizer.model").exists()
+    assert list((workdir / "tensorboard").iterdir())
+    assert _committed_steps(workdir)[-1] == STEPS
+
+
+def _interrupt_and_resume(tmp_path, corpus, sig):
+    workdir = tmp_path / "run"
+    proc = _start(workdir, corpus)
+    deadline = time.time() + 300
+    while not _committed_steps(workdir) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, (
+        "run finished before it could be interrupted:\n" + proc.stdout.read()
+    )
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    stopped_at = max(_losses(workdir))
+    assert stopped_at < STEPS, out
+    saved_before_resume = _committed_steps(workdir)
+    resumed = _run(workdir, corpus)
+    assert f"resumed from step {saved_before_resume[-1]}" in resumed.stdout
+    return workdir, stopped_at, saved_before_resume, out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_run_resumes_exactly(tmp_path, corpus, uninterrupted, sig):
+    ref_dir, _ = uninterrupted
+    workdir, stopped_at, saved, out = _interrupt_and_resume(tmp_path, corpus, sig)
+    if sig == signal.SIGTERM:
+        # The handler saved the step it stopped at, off the every-10-steps cadence.
+        assert f"SIGTERM received: saved a checkpoint at step {stopped_at}" in out
+        assert saved[-1] == stopped_at
+    # Every step's loss, before and after the interruption, equals the uninterrupted run's.
+    assert _losses(workdir) == _losses(ref_dir)
+    for a, b in zip(_final_params(workdir), _final_params(ref_dir), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_score_prints_total_bits_per_byte(uninterrupted, corpus):
+    workdir, _ = uninterrupted
+    files = sorted((corpus / "json").glob("*.py"))[:2]
+    proc = subprocess.run(
+        [sys.executable, "-m", "genjax.score", "--workdir", str(workdir), *map(str, files)],
+        capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("bits_per_byte=")
+    assert 0.5 < float(last.split("=")[1]) < 12
+
+
+def test_checkpoint_from_another_model_config_is_refused(uninterrupted, corpus):
+    workdir, _ = uninterrupted
+    proc = _run(workdir, corpus, "model.d_model=32", check=False)
+    assert proc.returncode != 0
+    assert "model.d_model: checkpoint 64, this run 32" in proc.stderr
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _run(tmp_path / "w", empty, check=False)
+    assert proc.returncode != 0
+    assert "corpus is empty" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--mesh", "data=3"], "has 3 devices but 8 are available"),
+        (["--set", "data.global_batch_size=6"], "not divisible by the data-parallel size 4"),
+        (["--set", "model.nonsense=1"], "nonsense"),
+    ],
+)
+def test_bad_arguments_fail_before_compiling(tmp_path, corpus, extra, match):
+    proc = _run(tmp_path / "w", corpus, *extra, check=False)
+    assert proc.returncode != 0
+    assert match in proc.stderr

@@ -1,0 +1,162 @@
+import dataclasses
+
+import chex
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from genjax import mesh as meshlib
+from genjax import train
+from genjax.models import transformer
+
+# 8 heads and 8 kv heads so pure tensor parallelism over 8 devices divides evenly;
+# the GQA path is covered by the tiny preset on the mixed mesh.
+CFG_TP = dataclasses.replace(
+    transformer.get_preset("tiny"), num_heads=8, num_kv_heads=8, head_dim=8
+)
+OPTIM = train.OptimConfig(lr=3e-3, warmup_steps=1, total_steps=10)
+
+
+def _loss_fn(cfg):
+    return lambda params, batch, *, key: transformer.loss(cfg, params, batch)
+
+
+def _setup(cfg, mesh, optim=OPTIM):
+    optimizer = train.make_optimizer(optim)
+    state, shardings = train.create_train_state(
+        lambda k: transformer.init(cfg, k), transformer.param_axes(cfg), optimizer, mesh, seed=0
+    )
+    step = train.jit_train_step(
+        train.make_train_step(_loss_fn(cfg), optimizer, optim), shardings, mesh
+    )
+    return state, step
+
+
+def _batches(cfg, n, batch=8, length=33):
+    rng = np.random.default_rng(0)
+    return [
+        {"tokens": rng.integers(0, cfg.vocab_size, (batch, length), dtype=np.int32)}
+        for _ in range(n)
+    ]
+
+
+def _run(cfg, spec, devices=None, n=5, optim=OPTIM):
+    mesh = meshlib.make_mesh(spec, devices)
+    state, step = _setup(cfg, mesh, optim)
+    losses = []
+    for b in _batches(cfg, n):
+        state, metrics = step(state, meshlib.global_batch(b, mesh))
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), state
+
+
+@pytest.fixture(scope="module")
+def single_device_tp():
+    return _run(CFG_TP, "data=1", jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def single_device_tiny():
+    return _run(transformer.get_preset("tiny"), "data=1", jax.devices()[:1])
+
+
+# Sharded and single-device runs differ only in reduction order: float32 noise.
+LOSS_RTOL = 2e-5
+PARAM_ATOL = 2e-5
+
+
+@pytest.mark.parametrize("spec", ["fsdp=8", "tensor=8", "data=8"])
+def test_sharded_training_equals_one_device(spec, single_device_tp):
+    losses, state = _run(CFG_TP, spec)
+    ref_losses, ref_state = single_device_tp
+    np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
+    chex.assert_trees_all_close(
+        jax.device_get(state.params), jax.device_get(ref_state.params), atol=PARAM_ATOL
+    )
+
+
+def test_mixed_mesh_equals_one_device_with_gqa(single_device_tiny):
+    losses, _ = _run(transformer.get_preset("tiny"), "data=2,fsdp=2,tensor=2")
+    np.testing.assert_allclose(losses, single_device_tiny[0], rtol=LOSS_RTOL)
+
+
+def test_parameters_are_sharded_as_declared():
+    mesh = meshlib.make_mesh("data=2,fsdp=2,tensor=2")
+    state, _ = _setup(transformer.get_preset("tiny"), mesh)
+    emb = state.params["embed_VD"]  # (vocab, embed) -> (tensor, fsdp)
+    assert emb.sharding.spec == P("tensor", "fsdp")
+    assert {s.data.shape for s in emb.addressable_shards} == {(512 // 2, 64 // 2)}
+    wq = state.params["blocks"]["attn"]["wq_DNK"]  # (layers, embed, heads, head_dim)
+    assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
+    # Adam moments are sharded like their parameters.
+    mu = state.opt_state[1][0].mu["embed_VD"]
+    assert mu.sharding.spec == P("tensor", "fsdp")
+    fsdp_state, _ = _setup(CFG_TP, meshlib.make_mesh("fsdp=8"))
+    w_up = fsdp_state.params["blocks"]["mlp"]["w_up_DF"]
+    assert {s.data.shape for s in w_up.addressable_shards} == {(2, 64 // 8, 128)}
+
+
+def test_gradient_accumulation_equals_full_batch():
+    cfg = transformer.get_preset("tiny")
+    full, s_full = _run(cfg, "data=1", jax.devices()[:1], n=3)
+    accum, s_acc = _run(
+        cfg, "data=1", jax.devices()[:1], n=3, optim=dataclasses.replace(OPTIM, grad_accum=4)
+    )
+    np.testing.assert_allclose(accum, full, rtol=1e-5)
+    chex.assert_trees_all_close(s_acc.params, s_full.params, atol=1e-5)
+
+
+def test_schedule_warms_up_then_decays():
+    sched = train.make_schedule(
+        train.OptimConfig(lr=1.0, warmup_steps=10, total_steps=100, min_lr_ratio=0.1)
+    )
+    assert float(sched(0)) == 0.0
+    assert float(sched(10)) == pytest.approx(1.0)
+    assert float(sched(100)) == pytest.approx(0.1)
+    assert float(sched(55)) < float(sched(20))
+
+
+def test_weight_decay_skips_vectors():
+    mask = train._decay_mask(transformer.abstract_params(transformer.get_preset("tiny")))
+    assert mask["embed_VD"] and mask["blocks"]["mlp"]["w_up_DF"]
+    assert not mask["final_norm"]["scale"] and not mask["blocks"]["attn_norm"]["scale"]
+
+
+class _ListLogger:
+    def __init__(self):
+        self.records = []
+
+    def log(self, step, metrics):
+        self.records.append({"step": step, **metrics})
+
+    def advance(self, n=1):
+        pass
+
+    def write(self, msg):
+        pass
+
+
+def test_fit_stops_on_non_finite_loss():
+    cfg = transformer.get_preset("tiny")
+    mesh = meshlib.make_mesh("data=1", jax.devices()[:1])
+    state, step = _setup(cfg, mesh, dataclasses.replace(OPTIM, lr=1e30, clip_norm=None))
+    batches = (meshlib.global_batch(b, mesh) for b in _batches(cfg, 50))
+    logger = _ListLogger()
+    with pytest.raises(train.NonFiniteLossError, match=r"loss is (nan|inf) at step \d+.*untouched"):
+        train.fit(state, step, batches, num_steps=50, logger=logger, log_every=1)
+    assert all(np.isfinite(r["loss"]) for r in logger.records)
+
+
+def test_fit_logs_every_step_and_counts():
+    cfg = transformer.get_preset("tiny")
+    mesh = meshlib.make_mesh("data=1", jax.devices()[:1])
+    state, step = _setup(cfg, mesh)
+    logger = _ListLogger()
+    batches = (meshlib.global_batch(b, mesh) for b in _batches(cfg, 4))
+    result = train.fit(
+        state, step, batches, num_steps=4, logger=logger, log_every=2, tokens_per_step=8 * 32
+    )
+    assert int(result.state.step) == 4
+    assert [r["step"] for r in logger.records] == [2, 4]
+    assert {"loss", "grad_norm", "lr", "tokens_per_s"} <= set(logger.records[-1])

@@ -1,0 +1,151 @@
+import dataclasses
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from genjax.models import transformer
+
+CFG = transformer.get_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def params():
+    return transformer.init(CFG, jax.random.key(0))
+
+
+def _tokens(key, batch=2, length=33):
+    return jax.random.randint(jax.random.key(key), (batch, length), 0, CFG.vocab_size)
+
+
+def test_logits_shape_dtype_with_and_without_jit(params):
+    tokens = _tokens(1)[:, :-1]
+    eager = transformer.forward(CFG, params, tokens)
+    jitted = jax.jit(transformer.forward, static_argnums=0)(CFG, params, tokens)
+    chex.assert_shape(eager, (2, 32, CFG.vocab_size))
+    chex.assert_type(eager, jnp.float32)
+    np.testing.assert_allclose(eager, jitted, rtol=1e-5, atol=1e-5)
+
+
+def test_causality_by_gradient():
+    """d logits[t] / d input[s] is zero for every s > t."""
+    cfg = dataclasses.replace(CFG, tie_embeddings=False)  # a tied head would see every row
+    params = transformer.init(cfg, jax.random.key(0))
+    tokens = _tokens(2, batch=1)[:, :16]
+    embeds = params["embed_VD"][tokens]
+
+    def logits_at(t, x_BTD):
+        # Feed embeddings directly: row i of the table is position i's input.
+        p = dict(params, embed_VD=x_BTD[0])
+        return transformer.forward(cfg, p, jnp.arange(16)[None])[0, t].sum()
+
+    for t in (0, 7, 15):
+        grad = jax.grad(logits_at, argnums=1)(t, embeds)[0]  # [T, D]
+        influence = jnp.abs(grad).sum(-1)
+        assert float(influence[t + 1 :].sum()) == 0.0
+        assert float(influence[: t + 1].min()) > 0.0
+
+
+@pytest.mark.parametrize(
+    "variant", [{"scan_layers": True}, {"remat": True}, {"scan_layers": True, "remat": True}]
+)
+def test_scan_and_remat_equal_plain_path(params, variant):
+    batch = {"tokens": _tokens(3)}
+    cfg2 = dataclasses.replace(CFG, **variant)
+    (l1, _), g1 = jax.value_and_grad(transformer.loss, argnums=1, has_aux=True)(CFG, params, batch)
+    (l2, _), g2 = jax.value_and_grad(transformer.loss, argnums=1, has_aux=True)(cfg2, params, batch)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    chex.assert_trees_all_close(g1, g2, rtol=1e-5, atol=1e-7)
+
+
+def test_initial_loss_is_log_vocab(params):
+    loss, _ = transformer.loss(CFG, params, {"tokens": _tokens(4, batch=8)})
+    assert abs(float(loss) - math.log(CFG.vocab_size)) < 0.05
+
+
+def test_loss_falls_on_a_fixed_batch(params):
+    batch = {"tokens": _tokens(5, batch=4)}
+    opt = optax.adam(3e-3)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(p, s):
+        loss, g = jax.value_and_grad(lambda p: transformer.loss(CFG, p, batch)[0])(p)
+        u, s = opt.update(g, s)
+        return optax.apply_updates(p, u), s, loss
+
+    p, losses = params, []
+    for _ in range(30):
+        p, state, loss = step(p, state)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_mask_excludes_targets(params):
+    tokens = _tokens(6)
+    mask = jnp.ones((2, 32)).at[:, 16:].set(0.0)
+    masked, aux = transformer.loss(CFG, params, {"tokens": tokens, "mask": mask})
+    nll = transformer.token_nll(CFG, params, tokens)
+    np.testing.assert_allclose(masked, nll[:, :16].mean(), rtol=1e-6)
+    assert float(aux["tokens"]) == 32
+
+
+def test_gqa_matches_repeated_kv_heads(params):
+    """Grouped-query attention equals full MHA with each kv head repeated."""
+    cfg_mha = dataclasses.replace(CFG, num_kv_heads=CFG.num_heads)
+    r = CFG.num_heads // CFG.num_kv_heads
+    blocks = dict(params["blocks"])
+    attn = dict(blocks["attn"])
+    attn["wk_DGK"] = jnp.repeat(attn["wk_DGK"], r, axis=2)
+    attn["wv_DGK"] = jnp.repeat(attn["wv_DGK"], r, axis=2)
+    blocks["attn"] = attn
+    tokens = _tokens(7)[:, :-1]
+    np.testing.assert_allclose(
+        transformer.forward(CFG, params, tokens),
+        transformer.forward(cfg_mha, dict(params, blocks=blocks), tokens),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+
+
+def test_untied_head_has_own_parameter():
+    cfg = dataclasses.replace(CFG, tie_embeddings=False)
+    p = transformer.init(cfg, jax.random.key(0))
+    assert p["lm_head_DV"].shape == (CFG.d_model, CFG.vocab_size)
+    assert transformer.param_axes(cfg)["lm_head_DV"] == ("embed", "vocab")
+
+
+def test_param_axes_match_param_ranks():
+    shapes = transformer.abstract_params(CFG)
+    axes = transformer.param_axes(CFG)
+    jax.tree.map(
+        lambda a, s: assert_rank(a, s), axes, shapes, is_leaf=lambda x: isinstance(x, tuple)
+    )
+
+
+def assert_rank(axes, shape):
+    assert len(axes) == len(shape.shape), (axes, shape.shape)
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [
+        ("125m", 123_685_632),
+        ("1b", 1_100_048_384),
+        ("7b", 6_738_415_616),
+        ("cpu-small", 12_194_688),
+    ],
+)
+def test_preset_parameter_counts_from_abstract_shapes(preset, expected):
+    # 7b is Llama-2-7B's 6,738,415,616; 1b is TinyLlama-1.1B's shape.
+    assert transformer.count_params(transformer.get_preset(preset))["total"] == expected
+
+
+def test_unknown_preset_and_bad_config():
+    with pytest.raises(ValueError, match=r"unknown preset 'cpu-smal'.*did you mean 'cpu-small'"):
+        transformer.get_preset("cpu-smal")
+    with pytest.raises(ValueError, match="must be a multiple of num_kv_heads"):
+        dataclasses.replace(CFG, num_heads=4, num_kv_heads=3)
