@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 import pathlib
 import time
@@ -79,8 +78,9 @@ def corpus_split(data: DataConfig) -> tuple[list[pathlib.Path], list[pathlib.Pat
 
 
 def load_or_train_tokenizer(
-    workdir: pathlib.Path, texts: Sequence[str], vocab_size: int
+    workdir: pathlib.Path, files: Sequence[pathlib.Path], vocab_size: int
 ) -> Tokenizer:
+    """The run's tokenizer: trained once on the training files, then reloaded."""
     path = workdir / "tokenizer.model"
     if path.exists():
         tok = Tokenizer.load(path)
@@ -91,27 +91,10 @@ def load_or_train_tokenizer(
             )
         return tok
     if jax.process_index() == 0:
+        texts = (t for _, t in corpuslib.read_texts(files))
         Tokenizer.train(texts, vocab_size=vocab_size, model_path=path)
     _sync("tokenizer")
     return Tokenizer.load(path)
-
-
-def token_rows(
-    tok: Tokenizer, texts: Sequence[str], seq_len: int, cache_dir: pathlib.Path
-) -> np.ndarray:
-    """Packed [N, seq_len + 1] rows, cached by a hash of texts and tokenizer."""
-    digest = hashlib.sha256(pathlib.Path(tok.model_path).read_bytes())
-    for t in texts:
-        digest.update(hashlib.sha256(t.encode()).digest())
-    path = cache_dir / f"rows-{seq_len}-{digest.hexdigest()[:16]}.npy"
-    if path.exists():
-        return np.load(path)
-    rows = textlib.pack(textlib.tokenize_documents(tok, list(texts)), seq_len)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{jax.process_index()}.tmp.npy")
-    np.save(tmp, rows)
-    tmp.replace(path)
-    return rows
 
 
 def _sync(name: str) -> None:
@@ -127,24 +110,6 @@ def global_batches(local_iter: Iterator[dict], mesh) -> Iterator[dict[str, jax.A
 
 
 # ----------------------------------------------------------------------------- scoring
-
-
-def scoring_rows(tokens: np.ndarray, seq_len: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows that predict every token of a document exactly once.
-
-    The document is preceded by the end-of-document token (its beginning, as in
-    training); rows of seq_len + 1 tokens overlap by one so each row's targets
-    continue where the last row's stopped. Returns rows [N, L+1] and mask [N, L].
-    """
-    stream = np.concatenate([[eos_id], np.asarray(tokens, np.int32)])
-    n_rows = max(1, math.ceil((len(stream) - 1) / seq_len))
-    rows = np.full((n_rows, seq_len + 1), eos_id, np.int32)
-    mask = np.zeros((n_rows, seq_len), np.float32)
-    for i in range(n_rows):
-        chunk = stream[i * seq_len : i * seq_len + seq_len + 1]
-        rows[i, : len(chunk)] = chunk
-        mask[i, : len(chunk) - 1] = 1.0
-    return rows, mask
 
 
 @functools.lru_cache(maxsize=8)
@@ -165,7 +130,8 @@ def bits_per_byte(
     """Total negative log2-likelihood of the texts' tokens ÷ their UTF-8 bytes,
     evaluated across all local devices."""
     rows, masks = zip(
-        *(scoring_rows(t, seq_len, tok.eos_id) for t in tok.encode_batch(list(texts))), strict=True
+        *(textlib.document_rows(t, seq_len, tok.eos_id) for t in tok.encode_batch(list(texts))),
+        strict=True,
     )
     rows, masks = np.concatenate(rows), np.concatenate(masks)
     # Pad to whole batches (mask 0) so every batch has one shape: one compile.
@@ -255,10 +221,10 @@ def pretrain(cfg: PretrainConfig, workdir: str | pathlib.Path) -> dict[str, Any]
 
     t0 = time.perf_counter()
     train_files, val_files = corpus_split(cfg.data)
-    train_texts = [t for _, t in corpuslib.read_texts(train_files)]
     val_texts = [t for _, t in corpuslib.read_texts(val_files)] if val_files else []
-    tok = load_or_train_tokenizer(workdir, train_texts, cfg.model.vocab_size)
-    rows = token_rows(tok, train_texts, cfg.data.seq_len, workdir / "data")
+    tok = load_or_train_tokenizer(workdir, train_files, cfg.model.vocab_size)
+    tokens = textlib.prepare_corpus(tok, train_files, cache_dir=workdir / "data")
+    rows = textlib.pack(tokens, cfg.data.seq_len)
     data_iter = textlib.make_train_iterator(
         rows,
         global_batch_size=cfg.data.global_batch_size,

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from genjax.data import text as text_lib
 from genjax.data.corpus import read_texts, split_by_module, stdlib_files, stdlib_root
 from genjax.data.text import (
-    make_eval_batches,
+    document_rows,
     make_train_iterator,
     pack,
     prepare_corpus,
@@ -261,20 +261,15 @@ def test_train_iterator_errors():
 # ------------------------------------------------------------------ evaluation
 
 
-@pytest.mark.parametrize("n, batch, process_count", [(10, 4, 1), (12, 4, 1), (3, 8, 2), (9, 4, 2)])
-def test_eval_batches_cover_every_row_once(n, batch, process_count):
-    rows = _rows(n) + 1  # +1: padding rows are zeros, real rows are not
-    per_process = [
-        make_eval_batches(rows, batch_size=batch, process_index=i, process_count=process_count)
-        for i in range(process_count)
-    ]
-    assert len({len(p) for p in per_process}) == 1  # same number of steps everywhere
-    tokens = np.concatenate([b["tokens"] for step in zip(*per_process, strict=True) for b in step])
-    mask = np.concatenate([b["mask"] for step in zip(*per_process, strict=True) for b in step])
-    assert mask.shape == (len(tokens), 4) and mask.dtype == np.float32
-    np.testing.assert_array_equal(tokens[mask[:, 0] == 1], rows)  # in order, each once
-    assert (tokens[mask[:, 0] == 0] == 0).all()
-    assert ((mask == 0) | (mask == 1)).all() and (mask == mask[:, :1]).all()
+@pytest.mark.parametrize("n_tokens, seq_len", [(0, 4), (1, 4), (3, 4), (4, 4), (5, 4), (17, 8)])
+def test_document_rows_predict_every_token_once(n_tokens, seq_len):
+    tokens = np.arange(10, 10 + n_tokens)
+    rows, mask = document_rows(tokens, seq_len, eos_id=2)
+    assert rows.shape[1] == seq_len + 1 and mask.shape == (len(rows), seq_len)
+    targets = rows[:, 1:][mask == 1]
+    np.testing.assert_array_equal(targets, tokens)  # in order, each exactly once
+    inputs = rows[:, :-1][mask == 1]
+    np.testing.assert_array_equal(inputs, np.concatenate([[2], tokens[:-1]])[:n_tokens])
 
 
 # ------------------------------------------------------- tokenization and caching

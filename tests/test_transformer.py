@@ -149,3 +149,11 @@ def test_unknown_preset_and_bad_config():
         transformer.get_preset("cpu-smal")
     with pytest.raises(ValueError, match="must be a multiple of num_kv_heads"):
         dataclasses.replace(CFG, num_heads=4, num_kv_heads=3)
+
+
+@pytest.mark.parametrize(("block", "length"), [(16, 32), (16, 40), (8, 33), (64, 32)])
+def test_blocked_causal_attention_equals_one_block(params, block, length):
+    tokens = _tokens(8, length=length + 1)[:, :-1]
+    blocked = transformer.forward(dataclasses.replace(CFG, attn_block_size=block), params, tokens)
+    whole = transformer.forward(dataclasses.replace(CFG, attn_block_size=0), params, tokens)
+    np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5)

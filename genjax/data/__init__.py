@@ -8,7 +8,7 @@ from genjax.data.corpus import (
     stdlib_root,
 )
 from genjax.data.text import (
-    make_eval_batches,
+    document_rows,
     make_train_iterator,
     pack,
     prepare_corpus,
@@ -16,8 +16,8 @@ from genjax.data.text import (
 )
 
 __all__ = [
+    "document_rows",
     "expand_paths",
-    "make_eval_batches",
     "make_train_iterator",
     "pack",
     "prepare_corpus",

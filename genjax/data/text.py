@@ -108,36 +108,25 @@ def make_train_iterator(
     return iter(ds.to_iter_dataset(options))
 
 
-def make_eval_batches(
-    rows: np.ndarray,
-    *,
-    batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> list[dict[str, np.ndarray]]:
-    """All rows in order, in batches ``{"tokens": [B_local, L+1], "mask": float32 [B_local, L]}``.
+def document_rows(
+    tokens: Sequence[int], seq_len: int, eos_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows that predict every token of one document exactly once, for scoring.
 
-    The last global batch is padded with zero rows whose mask is 0, so every
-    row counts exactly once. With several processes each gets its block of
-    each global batch (same number of batches everywhere).
+    The document is preceded by the end-of-document token (its beginning, as in
+    training); rows of ``seq_len + 1`` tokens overlap by one so each row's targets
+    continue where the previous row's stopped. Returns rows ``int32 [N, L+1]``
+    and mask ``float32 [N, L]`` (0 on the padding of the last row).
     """
-    _check_rows(rows)
-    local_batch_size = _check_processes(batch_size, process_index, process_count)
-    if len(rows) == 0:
-        raise ValueError("no rows to evaluate: the evaluation corpus is shorter than one row")
-    num_batches = -(-len(rows) // batch_size)
-    padded = np.zeros([num_batches * batch_size, rows.shape[1]], rows.dtype)
-    padded[: len(rows)] = rows
-    real = np.zeros([num_batches * batch_size], np.float32)
-    real[: len(rows)] = 1.0
-    seq_len = rows.shape[1] - 1
-    batches = []
-    for b in range(num_batches):
-        lo = b * batch_size + process_index * local_batch_size
-        hi = lo + local_batch_size
-        mask = np.broadcast_to(real[lo:hi, None], (local_batch_size, seq_len))
-        batches.append({"tokens": padded[lo:hi], "mask": np.ascontiguousarray(mask)})
-    return batches
+    stream = np.concatenate([[eos_id], np.asarray(tokens, np.int32)]).astype(np.int32)
+    n_rows = max(1, -(-(len(stream) - 1) // seq_len))
+    rows = np.full((n_rows, seq_len + 1), eos_id, np.int32)
+    mask = np.zeros((n_rows, seq_len), np.float32)
+    for i in range(n_rows):
+        chunk = stream[i * seq_len : i * seq_len + seq_len + 1]
+        rows[i, : len(chunk)] = chunk
+        mask[i, : len(chunk) - 1] = 1.0
+    return rows, mask
 
 
 def corpus_fingerprint(tokenizer: Tokenizer, files: Iterable[pathlib.Path]) -> str:
