@@ -56,7 +56,8 @@ class Checkpointer:
           async_save: write in the background (False: `save` blocks until written).
           compare_keys: top-level config keys that must match a checkpoint to restore it.
         """
-        self.directory = os.fspath(directory)
+        # orbax needs absolute paths (a relative one fails in its background commit).
+        self.directory = os.path.abspath(os.fspath(directory))
         # A JSON round trip makes tuples lists, as they come back from disk, and
         # fails here, not in a background save, if the config is not JSON-able.
         self.config = json.loads(json.dumps(config))

@@ -253,3 +253,17 @@ def test_no_checkpoint_returns_none(tmp_path, mesh):
     assert ckpt.latest_step() is None
     assert ckpt.saved_config() is None
     assert ckpt.restore(abstract(make_state(mesh, 0)), make_iterator()) is None
+
+
+def test_relative_directory_saves_and_restores(tmp_path, mesh, monkeypatch):
+    # The README's main job passes a relative --workdir; orbax's async commit needs
+    # an absolute path, so a relative one must be resolved up front.
+    monkeypatch.chdir(tmp_path)
+    state = make_state(mesh, 5)
+    with Checkpointer("runs/lm/checkpoints", config=CONFIG, save_every=5) as ckpt:
+        assert ckpt.save(5, state)
+        ckpt.wait()
+    with Checkpointer("runs/lm/checkpoints", config=CONFIG) as ckpt:
+        restored, step = ckpt.restore(abstract(state))
+    assert step == 5
+    assert_tree_equal(restored, state)

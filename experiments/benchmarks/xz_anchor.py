@@ -66,11 +66,10 @@ def third_party_heldout_files() -> list[pathlib.Path]:
 
 
 def stdlib_train_files() -> list[pathlib.Path]:
-    """The LM's training files: the stdlib split by module as `genjax.lm.corpus_split` does."""
-    from genjax.data import corpus
+    """The LM's training files: the default corpus split exactly as pre-training splits it."""
+    from genjax import lm
 
-    root = corpus.stdlib_root()
-    train, _ = corpus.split_by_module(corpus.stdlib_files(root), val_fraction=0.02, root=root)
+    train, _ = lm.corpus_split(lm.DataConfig())
     return train
 
 
@@ -92,6 +91,10 @@ def main(argv=None) -> None:
         "--train-corpus", default="stdlib",
         help="'stdlib' (the genjax LM's train split) or a file/folder of text",
     )  # fmt: skip
+    p.add_argument(
+        "--list-held", action="store_true",
+        help="print the held-out file paths (one per line) and exit, e.g. for genjax.score",
+    )  # fmt: skip
     args = p.parse_args(argv)
 
     if args.held:
@@ -100,6 +103,9 @@ def main(argv=None) -> None:
         import optax
 
         held_paths, held_name = third_party_heldout_files(), f"optax {optax.__version__} (no tests)"
+    if args.list_held:
+        print("\n".join(map(str, held_paths)))
+        return
     if args.train_corpus == "stdlib":
         version = sys.version.split()[0]
         train_paths, train_name = stdlib_train_files(), f"stdlib {version} train split"
