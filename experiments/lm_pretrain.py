@@ -66,11 +66,16 @@ def build_config(args: argparse.Namespace) -> lm.PretrainConfig:
     if args.corpus:
         flags.append(f"data.corpus={tuple(args.corpus)!r}")
     cfg = configlib.override(cfg, [*flags, *args.set])
-    # The learning-rate schedule spans the run unless set explicitly.
-    if not any(a.startswith("optim.total_steps=") for a in args.set):
-        warmup = min(cfg.optim.warmup_steps, max(cfg.run.steps // 10, 1))
-        optim = dataclasses.replace(cfg.optim, total_steps=cfg.run.steps, warmup_steps=warmup)
-        cfg = dataclasses.replace(cfg, optim=optim)
+    # The schedule spans the run (warm-up at most a tenth of it) unless set explicitly.
+    explicit = {a.split("=", 1)[0] for a in args.set}
+    optim = cfg.optim
+    if "optim.total_steps" not in explicit:
+        optim = dataclasses.replace(optim, total_steps=cfg.run.steps)
+    if "optim.warmup_steps" not in explicit:
+        optim = dataclasses.replace(
+            optim, warmup_steps=min(optim.warmup_steps, max(cfg.run.steps // 10, 1))
+        )
+    cfg = dataclasses.replace(cfg, optim=optim)
     return cfg
 
 

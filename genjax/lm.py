@@ -38,6 +38,12 @@ class DataConfig:
     global_batch_size: int = 16  # rows per optimizer step, summed over processes
     seed: int = 0  # shuffle seed
 
+    def __post_init__(self):
+        if self.seq_len < 1 or self.global_batch_size < 1:
+            raise ValueError("data config: seq_len and global_batch_size must be positive")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data config: val_fraction={self.val_fraction} must be in [0, 1)")
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
@@ -48,6 +54,13 @@ class RunConfig:
     eval_every: int = 0  # steps between validation passes; 0 = only at the end
     mesh: str = "data=-1"  # device mesh, e.g. "data=2,fsdp=2,tensor=2"
     seed: int = 0  # parameter init and per-step RNG
+
+    def __post_init__(self):
+        for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"run config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"run config: eval_every must be >= 0, got {self.eval_every}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +102,13 @@ def load_or_train_tokenizer(
                 f"{path} has vocabulary {tok.vocab_size} but the model expects {vocab_size}; "
                 f"use a fresh --workdir or set model.vocab_size={tok.vocab_size}"
             )
-        return tok
-    if jax.process_index() == 0:
+    else:
+        tok = None
+    if tok is None and jax.process_index() == 0:
         texts = (t for _, t in corpuslib.read_texts(files))
         Tokenizer.train(texts, vocab_size=vocab_size, model_path=path)
-    _sync("tokenizer")
-    return Tokenizer.load(path)
+    _sync("tokenizer")  # every process passes here, whichever branch it took
+    return tok if tok is not None else Tokenizer.load(path)
 
 
 def _sync(name: str) -> None:
@@ -118,50 +132,46 @@ def _nll_sums_fn(cfg: transformer.Config):
     return functools.partial(transformer.nll_sums, cfg)
 
 
-def bits_per_byte(
-    cfg: transformer.Config,
-    params,
-    tok: Tokenizer,
-    texts: Sequence[str],
-    *,
-    seq_len: int,
-    batch_size: int = 16,
-) -> dict[str, float]:
-    """Total negative log2-likelihood of the texts' tokens ÷ their UTF-8 bytes,
-    evaluated across all local devices."""
-    rows, masks = zip(
-        *(textlib.document_rows(t, seq_len, tok.eos_id) for t in tok.encode_batch(list(texts))),
-        strict=True,
-    )
+@dataclasses.dataclass(frozen=True)
+class ScoringSet:
+    """Texts prepared for bits-per-byte scoring: tokenized once, scored many times."""
+
+    batches: tuple[dict[str, np.ndarray], ...]  # {"tokens": [B, L+1], "mask": [B, L]}
+    n_bytes: int  # UTF-8 bytes of the texts
+
+
+def scoring_set(
+    tok: Tokenizer, texts: Sequence[str], *, seq_len: int, batch_size: int = 16
+) -> ScoringSet:
+    """Every token of every text predicted once (see ``data.document_rows``), in
+    batches of one shape (padding rows masked) so scoring compiles once."""
+    docs = tok.encode_batch(list(texts))
+    rows, masks = zip(*(textlib.document_rows(d, seq_len, tok.eos_id) for d in docs), strict=True)
     rows, masks = np.concatenate(rows), np.concatenate(masks)
-    # Pad to whole batches (mask 0) so every batch has one shape: one compile.
     pad = -len(rows) % batch_size
     rows = np.concatenate([rows, np.full((pad, rows.shape[1]), tok.eos_id, np.int32)])
     masks = np.concatenate([masks, np.zeros((pad, masks.shape[1]), np.float32)])
-    batches = (
+    batches = tuple(
         {"tokens": rows[i : i + batch_size], "mask": masks[i : i + batch_size]}
         for i in range(0, len(rows), batch_size)
     )
-    sums = evallib.evaluate(_nll_sums_fn(cfg), params, batches)
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return ScoringSet(batches, sum(len(t.encode("utf-8")) for t in texts))
+
+
+def bits_per_byte(cfg: transformer.Config, params, scoring: ScoringSet) -> dict[str, float]:
+    """Total negative log2-likelihood of the tokens ÷ UTF-8 bytes, evaluated
+    across all local devices."""
+    sums = evallib.evaluate(_nll_sums_fn(cfg), params, scoring.batches)
     bits = sums["nll"] / math.log(2)
     return {
-        "bits_per_byte": bits / max(n_bytes, 1),
+        "bits_per_byte": bits / max(scoring.n_bytes, 1),
         "bits": bits,
-        "bytes": n_bytes,
+        "bytes": scoring.n_bytes,
         "tokens": sums["tokens"],
     }
 
 
 # ----------------------------------------------------------------------------- run
-
-
-def config_to_dict(cfg: PretrainConfig) -> dict[str, Any]:
-    return configlib.to_dict(cfg)
-
-
-def config_from_dict(d: dict[str, Any]) -> PretrainConfig:
-    return configlib.from_dict(PretrainConfig, d)
 
 
 def _lm_loss(cfg: transformer.Config):
@@ -205,88 +215,111 @@ def validate(cfg: PretrainConfig, mesh) -> None:
     )
 
 
-def pretrain(cfg: PretrainConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Trains (or resumes) a language model in ``workdir``; returns final metrics."""
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = meshlib.make_mesh(cfg.run.mesh)
-    validate(cfg, mesh)
-    checkpointer = Checkpointer(
-        workdir / "checkpoints",
-        config=config_to_dict(cfg),
-        keep=cfg.run.keep_checkpoints,
-        save_every=cfg.run.checkpoint_every,
-    )
-    checkpointer.check_config()  # refuse another model's checkpoints before any work
+@dataclasses.dataclass
+class PreparedData:
+    tokenizer: Tokenizer
+    rows: np.ndarray  # packed training rows [N, seq_len + 1]
+    train_iterator: Any  # grain DatasetIterator of this process's batches (checkpointed)
+    validation: ScoringSet | None
 
-    t0 = time.perf_counter()
+
+def prepare_data(cfg: PretrainConfig, workdir: pathlib.Path) -> PreparedData:
+    """Corpus → tokenizer (trained once) → packed rows (cached) → this process's iterator."""
     train_files, val_files = corpus_split(cfg.data)
-    val_texts = [t for _, t in corpuslib.read_texts(val_files)] if val_files else []
     tok = load_or_train_tokenizer(workdir, train_files, cfg.model.vocab_size)
     tokens = textlib.prepare_corpus(tok, train_files, cache_dir=workdir / "data")
     rows = textlib.pack(tokens, cfg.data.seq_len)
-    data_iter = textlib.make_train_iterator(
+    iterator = textlib.make_train_iterator(
         rows,
         global_batch_size=cfg.data.global_batch_size,
         seed=cfg.data.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    val_texts = [t for _, t in corpuslib.read_texts(val_files)] if val_files else []
+    validation = scoring_set(tok, val_texts, seq_len=cfg.data.seq_len) if val_texts else None
+    return PreparedData(tok, rows, iterator, validation)
+
+
+def pretrain(cfg: PretrainConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Trains (or resumes) a language model in ``workdir``; returns final metrics."""
+    workdir = pathlib.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir} exists and is not a directory")
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = meshlib.make_mesh(cfg.run.mesh)
+    validate(cfg, mesh)
+    checkpointer = Checkpointer(
+        workdir / "checkpoints",
+        config=configlib.to_dict(cfg),
+        keep=cfg.run.keep_checkpoints,
+        save_every=cfg.run.checkpoint_every,
+        # A resumed iterator is only meaningful over the same data pipeline.
+        compare_keys=("model", "data"),
+    )
+    try:
+        checkpointer.check_config()  # refuse another run's checkpoints before any work
+        return _pretrain(cfg, workdir, mesh, checkpointer)
+    finally:
+        checkpointer.close()  # an in-flight async save completes even on error
+
+
+def _pretrain(cfg: PretrainConfig, workdir: pathlib.Path, mesh, checkpointer) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    data = prepare_data(cfg, workdir)
     prep_s = time.perf_counter() - t0
 
     state, shardings, step_fn = build_state(cfg, mesh)
-    restored = checkpointer.restore(train.abstract_train_state(state, shardings), data_iter)
+    abstract = jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, shardings
+    )
+    restored = checkpointer.restore(abstract, data.train_iterator)
     if restored is not None:
         state, step = restored
-        print(f"resumed from step {step} in {workdir / 'checkpoints'}", flush=True)
-
-    logger = MetricsLogger(
-        workdir,
-        total_steps=cfg.run.steps,
-        start_step=int(jax.device_get(state.step)),
-        enabled=jax.process_index() == 0,
-    )
-    logger.write(
-        f"{transformer.count_params(cfg.model)['total']:,} parameters · mesh {dict(mesh.shape)} · "
-        f"{len(rows):,} training rows of {cfg.data.seq_len} tokens · data prepared in {prep_s:.1f}s"
-    )
+        print(f"resumed from step {step} in {checkpointer.directory}", flush=True)
 
     def eval_fn(s: train.TrainState) -> dict[str, float]:
         return {
-            "val_bits_per_byte": bits_per_byte(
-                cfg.model, s.params, tok, val_texts, seq_len=cfg.data.seq_len
-            )["bits_per_byte"]
+            "val_bits_per_byte": bits_per_byte(cfg.model, s.params, data.validation)[
+                "bits_per_byte"
+            ]
         }
 
-    result = train.fit(
-        state,
-        step_fn,
-        global_batches(data_iter, mesh),
-        num_steps=cfg.run.steps,
-        checkpointer=checkpointer,
-        data_iterator=data_iter,
-        logger=logger,
-        log_every=cfg.run.log_every,
-        tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len,
-        eval_fn=eval_fn if (val_texts and cfg.run.eval_every) else None,
-        eval_every=cfg.run.eval_every,
-    )
-    summary: dict[str, Any] = {
-        "step": int(jax.device_get(result.state.step)),
-        "stopped_by": result.stopped_by_signal,
-    }
-    if result.stopped_by_signal is None and val_texts:
-        summary["val_bits_per_byte"] = eval_fn(result.state)["val_bits_per_byte"]
-        logger.log(summary["step"], {"val_bits_per_byte": summary["val_bits_per_byte"]})
-    logger.close()
-    checkpointer.close()
-    summary["state"] = result.state
-    summary["tokenizer"] = tok
+    with MetricsLogger(
+        workdir, total_steps=cfg.run.steps, start_step=int(jax.device_get(state.step))
+    ) as logger:
+        logger.write(
+            f"{transformer.count_params(cfg.model)['total']:,} parameters · mesh "
+            f"{dict(mesh.shape)} · {len(data.rows):,} training rows of {cfg.data.seq_len} "
+            f"tokens · data prepared in {prep_s:.1f}s"
+        )
+        result = train.fit(
+            state,
+            step_fn,
+            global_batches(data.train_iterator, mesh),
+            num_steps=cfg.run.steps,
+            checkpointer=checkpointer,
+            data_iterator=data.train_iterator,
+            logger=logger,
+            log_every=cfg.run.log_every,
+            tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len,
+            eval_fn=eval_fn if (data.validation and cfg.run.eval_every) else None,
+            eval_every=cfg.run.eval_every,
+        )
+        summary: dict[str, Any] = {
+            "step": int(jax.device_get(result.state.step)),
+            "stopped_by": result.stopped_by_signal,
+            "state": result.state,
+            "tokenizer": data.tokenizer,
+        }
+        if result.stopped_by_signal is None and data.validation:
+            summary.update(eval_fn(result.state))
+            logger.log(summary["step"], {"val_bits_per_byte": summary["val_bits_per_byte"]})
     return summary
 
 
 def load_for_scoring(workdir: str | pathlib.Path):
-    """(model config, params, tokenizer, seq_len) from the newest checkpoint in workdir."""
+    """(model config, params, tokenizer, seq_len, step) from the newest checkpoint."""
     workdir = pathlib.Path(workdir)
     ckpt_dir = workdir / "checkpoints"
     saved = None
@@ -297,27 +330,14 @@ def load_for_scoring(workdir: str | pathlib.Path):
         raise FileNotFoundError(
             f"no checkpoint in {ckpt_dir}; train first with experiments/lm_pretrain.py"
         )
-    cfg = config_from_dict(saved)
-    mesh = meshlib.make_mesh("data=-1")
-    optimizer = train.make_optimizer(cfg.optim)
-    abstract = jax.eval_shape(
-        lambda: train.TrainState(
-            np.int32(0),
-            transformer.init(cfg.model, jax.random.key(0)),
-            optimizer.init(transformer.init(cfg.model, jax.random.key(0))),
-            jax.random.key_data(jax.random.key(0)),
-        )
+    cfg = configlib.from_dict(PretrainConfig, saved)
+    abstract, _ = train.abstract_train_state(
+        lambda key: transformer.init(cfg.model, key),
+        transformer.param_axes(cfg.model),
+        train.make_optimizer(cfg.optim),
+        meshlib.make_mesh("data=-1"),
     )
-    param_sh = meshlib.tree_shardings(transformer.param_axes(cfg.model), abstract.params, mesh)
-    shardings = train.state_shardings(abstract, param_sh, optimizer, mesh)
-    checkpointer = Checkpointer(ckpt_dir, config=saved, keep=10**6)
-    restored = checkpointer.restore(train.abstract_train_state(abstract, shardings))
-    checkpointer.close()
-    state, step = restored
-    return (
-        cfg.model,
-        state.params,
-        Tokenizer.load(workdir / "tokenizer.model"),
-        cfg.data.seq_len,
-        step,
-    )
+    with Checkpointer(ckpt_dir, config=saved) as checkpointer:
+        state, step = checkpointer.restore(abstract)
+    tok = Tokenizer.load(workdir / "tokenizer.model")
+    return cfg.model, state.params, tok, cfg.data.seq_len, step

@@ -23,18 +23,19 @@ def main(argv=None) -> int:
     texts = []
     for path in args.files:
         try:
-            texts.append(path.read_text(encoding="utf-8"))
+            # Bytes as they are on disk: read_text would translate CRLF to LF.
+            texts.append(path.read_bytes().decode("utf-8"))
         except (OSError, UnicodeDecodeError) as e:
             print(f"error: cannot score {path}: {e}", file=sys.stderr)
             return 2
     try:
         model_cfg, params, tok, seq_len, step = lm.load_for_scoring(args.workdir)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     total_bits = total_bytes = 0.0
     for path, text in zip(args.files, texts, strict=True):
-        r = lm.bits_per_byte(model_cfg, params, tok, [text], seq_len=seq_len)
+        r = lm.bits_per_byte(model_cfg, params, lm.scoring_set(tok, [text], seq_len=seq_len))
         total_bits += r["bits"]
         total_bytes += r["bytes"]
         print(f"{path}\t{r['bytes']} bytes\t{r['bits_per_byte']:.4f} bits/byte")

@@ -101,8 +101,12 @@ def make_train_step(
         if cfg.grad_accum == 1:
             (loss, _), grads = grad_fn(state.params, batch, key=key)
         else:
+            # Micro-batch i takes rows i, i+A, i+2A, ...: every data shard holds
+            # its share of each micro-batch, so the scan never reshards.
             micro = jax.tree.map(
-                lambda x: x.reshape(cfg.grad_accum, x.shape[0] // cfg.grad_accum, *x.shape[1:]),
+                lambda x: x.reshape(
+                    x.shape[0] // cfg.grad_accum, cfg.grad_accum, *x.shape[1:]
+                ).swapaxes(0, 1),
                 batch,
             )
 
@@ -143,6 +147,35 @@ def state_shardings(
     return TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep)
 
 
+def _init_fn(init_params, optimizer, seed: int) -> Callable[[], TrainState]:
+    def init() -> TrainState:
+        key = jax.random.key(seed)
+        params = init_params(jax.random.fold_in(key, 0))
+        rng = jax.random.key_data(jax.random.fold_in(key, 1))
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
+
+    return init
+
+
+def abstract_train_state(
+    init_params: Callable[[jax.Array], Any],
+    param_axes: Any,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    seed: int = 0,
+) -> tuple[TrainState, TrainState]:
+    """``(abstract state, shardings)``: ShapeDtypeStructs that carry their shardings
+    (what a checkpoint restores into, never materialized) and the shardings."""
+    abstract = jax.eval_shape(_init_fn(init_params, optimizer, seed))
+    param_sh = meshlib.tree_shardings(param_axes, abstract.params, mesh)
+    shardings = state_shardings(abstract, param_sh, optimizer, mesh)
+    with_sharding = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings
+    )
+    return with_sharding, shardings
+
+
 def create_train_state(
     init_params: Callable[[jax.Array], Any],
     param_axes: Any,
@@ -154,27 +187,10 @@ def create_train_state(
     """Creates the state sharded from the start: abstract shapes → shardings →
     ``jit(init, out_shardings)``, so no device ever holds the whole model.
     Returns ``(state, shardings)``."""
-
-    def init() -> TrainState:
-        key = jax.random.key(seed)
-        params = init_params(jax.random.fold_in(key, 0))
-        rng = jax.random.key_data(jax.random.fold_in(key, 1))
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
-
-    abstract = jax.eval_shape(init)
-    param_sh = meshlib.tree_shardings(param_axes, abstract.params, mesh)
-    shardings = state_shardings(abstract, param_sh, optimizer, mesh)
+    _, shardings = abstract_train_state(init_params, param_axes, optimizer, mesh, seed=seed)
     with jax.set_mesh(mesh):
-        state = jax.jit(init, out_shardings=shardings)()
+        state = jax.jit(_init_fn(init_params, optimizer, seed), out_shardings=shardings)()
     return state, shardings
-
-
-def abstract_train_state(state_or_fn: Any, shardings: TrainState) -> TrainState:
-    """ShapeDtypeStructs carrying shardings, for restoring a checkpoint in place."""
-    shapes = jax.eval_shape(state_or_fn) if callable(state_or_fn) else state_or_fn
-    return jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-    )
 
 
 def jit_train_step(step_fn, shardings: TrainState, mesh: Mesh):
@@ -216,6 +232,11 @@ class _StopSignals:
         self._previous = {}
 
     def __enter__(self):
+        if jax.process_count() > 1:
+            # One process's flag would split the processes across steps and hang
+            # their collectives. Multi-host runs stop at JAX's preemption sync
+            # point instead (Checkpointer.should_save saves there).
+            return self
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -233,10 +254,13 @@ class _StopSignals:
 
 def _check_finite(step: int, metrics: Metrics, last_checkpoint: int | None) -> dict[str, float]:
     host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-    if not math.isfinite(host["loss"]):
+    # A finite loss with non-finite gradients still writes NaN parameters.
+    bad = {k: host[k] for k in ("loss", "grad_norm") if k in host and not math.isfinite(host[k])}
+    if bad:
         kept = f"step {last_checkpoint}" if last_checkpoint is not None else "none yet"
+        what = ", ".join(f"{k} is {v}" for k, v in bad.items())
         raise NonFiniteLossError(
-            f"loss is {host['loss']} at step {step}; stopping. The last good checkpoint "
+            f"{what} at step {step}; stopping. The last good checkpoint "
             f"({kept}) is untouched. Lower the learning rate or raise warm-up, then re-run "
             f"to resume from it."
         )

@@ -152,9 +152,30 @@ def test_score_prints_total_bits_per_byte(uninterrupted, corpus):
         capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("bits_per_byte=")
-    assert 0.5 < float(last.split("=")[1]) < 12
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("bits_per_byte=")
+    total = float(lines[-1].split("=")[1])
+    per_file = [line.split("\t") for line in lines[: len(files)]]
+    n_bytes = [int(b.split()[0]) for _, b, _ in per_file]
+    bpb = [float(x.split()[0]) for _, _, x in per_file]
+    assert n_bytes == [len(f.read_bytes()) for f in files]
+    np.testing.assert_allclose(total, np.dot(n_bytes, bpb) / sum(n_bytes), rtol=1e-3)
+    np.testing.assert_allclose(bpb[0], _direct_bits_per_byte(workdir, files[0]), rtol=1e-5)
+
+
+def _direct_bits_per_byte(workdir, path) -> float:
+    """The same number without genjax.evaluate: every token's NLL on one device."""
+    import jax
+
+    from genjax import lm
+    from genjax.data import document_rows
+    from genjax.models import transformer
+
+    cfg, params, tok, seq_len, _ = lm.load_for_scoring(workdir)
+    params = jax.device_put(jax.device_get(params), jax.devices()[0])
+    rows, mask = document_rows(tok.encode(path.read_bytes().decode()), seq_len, tok.eos_id)
+    nll = transformer.token_nll(cfg, params, jax.numpy.asarray(rows))
+    return float((np.asarray(nll) * mask).sum() / np.log(2) / len(path.read_bytes()))
 
 
 def test_checkpoint_from_another_model_config_is_refused(uninterrupted, corpus):

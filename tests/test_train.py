@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from genjax import mesh as meshlib
 from genjax import train
+from genjax.checkpoint import Checkpointer
 from genjax.models import transformer
 
 # 8 heads and 8 kv heads so pure tensor parallelism over 8 devices divides evenly;
@@ -77,13 +78,27 @@ def test_sharded_training_equals_one_device(spec, single_device_tp):
 
 
 def test_mixed_mesh_equals_one_device_with_gqa(single_device_tiny):
-    losses, _ = _run(transformer.get_preset("tiny"), "data=2,fsdp=2,tensor=2")
+    losses, state = _run(transformer.get_preset("tiny"), "data=2,fsdp=2,tensor=2")
+    np.testing.assert_allclose(losses, single_device_tiny[0], rtol=LOSS_RTOL)
+    chex.assert_trees_all_close(
+        jax.device_get(state.params), jax.device_get(single_device_tiny[1].params), atol=PARAM_ATOL
+    )
+
+
+def test_gradient_accumulation_on_a_sharded_mesh_equals_one_device(single_device_tiny):
+    optim = dataclasses.replace(OPTIM, grad_accum=2)
+    losses, _ = _run(transformer.get_preset("tiny"), "data=2,fsdp=2,tensor=2", optim=optim)
     np.testing.assert_allclose(losses, single_device_tiny[0], rtol=LOSS_RTOL)
 
 
 def test_parameters_are_sharded_as_declared():
     mesh = meshlib.make_mesh("data=2,fsdp=2,tensor=2")
     state, _ = _setup(transformer.get_preset("tiny"), mesh)
+    axes = transformer.param_axes(transformer.get_preset("tiny"))
+    jax.tree.map(
+        lambda a, x: _assert_spec(x, meshlib.logical_to_spec(a)),
+        axes, state.params, is_leaf=lambda a: isinstance(a, tuple),
+    )  # fmt: skip
     emb = state.params["embed_VD"]  # (vocab, embed) -> (tensor, fsdp)
     assert emb.sharding.spec == P("tensor", "fsdp")
     assert {s.data.shape for s in emb.addressable_shards} == {(512 // 2, 64 // 2)}
@@ -95,6 +110,10 @@ def test_parameters_are_sharded_as_declared():
     fsdp_state, _ = _setup(CFG_TP, meshlib.make_mesh("fsdp=8"))
     w_up = fsdp_state.params["blocks"]["mlp"]["w_up_DF"]
     assert {s.data.shape for s in w_up.addressable_shards} == {(2, 64 // 8, 128)}
+
+
+def _assert_spec(x, spec):
+    assert x.sharding.spec == spec, (x.sharding.spec, spec)
 
 
 def test_gradient_accumulation_equals_full_batch():
@@ -137,15 +156,50 @@ class _ListLogger:
         pass
 
 
-def test_fit_stops_on_non_finite_loss():
+def test_non_finite_loss_stops_before_it_reaches_a_checkpoint(tmp_path):
+    """A NaN at step 4 (saving every step) leaves checkpoints 1-3, all finite."""
     cfg = transformer.get_preset("tiny")
     mesh = meshlib.make_mesh("data=1", jax.devices()[:1])
-    state, step = _setup(cfg, mesh, dataclasses.replace(OPTIM, lr=1e30, clip_norm=None))
-    batches = (meshlib.global_batch(b, mesh) for b in _batches(cfg, 50))
+    optimizer = train.make_optimizer(OPTIM)
+    state, shardings = train.create_train_state(
+        lambda k: transformer.init(cfg, k), transformer.param_axes(cfg), optimizer, mesh, seed=0
+    )
+
+    def poisonable_loss(params, batch, *, key):
+        loss, aux = transformer.loss(cfg, params, batch)
+        return loss * batch["scale"][0], aux
+
+    step = train.jit_train_step(
+        train.make_train_step(poisonable_loss, optimizer, OPTIM), shardings, mesh
+    )
+    batches = []
+    for i, b in enumerate(_batches(cfg, 8)):
+        b["scale"] = np.full((8,), np.nan if i == 3 else 1.0, np.float32)
+        batches.append(meshlib.global_batch(b, mesh))
+    abstract = jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, shardings
+    )
     logger = _ListLogger()
-    with pytest.raises(train.NonFiniteLossError, match=r"loss is (nan|inf) at step \d+.*untouched"):
-        train.fit(state, step, batches, num_steps=50, logger=logger, log_every=1)
-    assert all(np.isfinite(r["loss"]) for r in logger.records)
+    with Checkpointer(tmp_path, config={"model": {}}, keep=10, save_every=1) as ckpt:
+        with pytest.raises(
+            train.NonFiniteLossError,
+            match=r"loss is nan.* at step 4; .*last good checkpoint \(step 3\) is untouched",
+        ):
+            train.fit(
+                state,
+                step,
+                iter(batches),
+                num_steps=8,
+                checkpointer=ckpt,
+                logger=logger,
+                log_every=1,
+            )
+        ckpt.wait()
+        assert ckpt.all_steps() == [1, 2, 3]
+        restored, restored_step = ckpt.restore(abstract)
+    assert restored_step == 3
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(restored.params)))
+    assert [r["step"] for r in logger.records] == [1, 2, 3]
 
 
 def test_fit_logs_every_step_and_counts():

@@ -83,13 +83,14 @@ def make_train_iterator(
 ) -> grain.DatasetIterator:
     """Shuffled, per-process batches ``{"tokens": int32 [B_local, L + 1]}``.
 
-    Each epoch yields ``N // global_batch_size`` steps; the ``N % global_batch_size``
-    rows left over are different rows each epoch. ``num_epochs=None`` repeats forever.
+    The row stream is one fresh permutation of all N rows per epoch, epochs
+    back to back, cut into global batches: no row is dropped or repeated at an
+    epoch boundary (a batch may straddle two epochs). ``num_epochs=None``
+    repeats forever; a finite stream ends at its last whole global batch.
     """
     _check_rows(rows)
     local_batch_size = _check_processes(global_batch_size, process_index, process_count)
-    steps_per_epoch = len(rows) // global_batch_size
-    if steps_per_epoch == 0:
+    if len(rows) < global_batch_size:
         raise ValueError(
             f"not enough data for one batch: {len(rows)} rows of {rows.shape[1]} tokens, but "
             f"global_batch_size={global_batch_size} needs {global_batch_size} rows; use a "
@@ -97,12 +98,14 @@ def make_train_iterator(
         )
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
-    ds = grain.MapDataset.source(rows).shuffle(seed=seed)
-    ds = ds[: steps_per_epoch * global_batch_size]  # whole global batches per epoch
+    # Shuffle then repeat: grain passes the epoch down the index, so each epoch
+    # is a new permutation.
+    ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat(num_epochs)
+    if num_epochs is not None:
+        ds = ds[: len(ds) // global_batch_size * global_batch_size]  # whole global batches
     # Block c of B_local rows belongs to step c // P on process c % P.
     ds = ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
-    # Repeat last: grain passes the epoch down the index, so each epoch reshuffles.
-    ds = ds.repeat(num_epochs).map(_as_batch)
+    ds = ds.map(_as_batch)
     # Rows are in memory: a little prefetch overlaps batching with the train step.
     options = read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
     return iter(ds.to_iter_dataset(options))

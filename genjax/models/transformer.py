@@ -207,9 +207,7 @@ class Attention(nnx.Module):
         v_BSGK = dense(x_BTD, self.wv_DGK[...])
         q_BTNK = rope(q_BTNK, positions_BT, cfg.rope_theta)
         k_BSGK = rope(k_BSGK, positions_BT, cfg.rope_theta)
-        out_BTNK = causal_attention(
-            q_BTNK, k_BSGK, v_BSGK, positions_BT, block=cfg.attn_block_size
-        )
+        out_BTNK = causal_attention(q_BTNK, k_BSGK, v_BSGK, positions_BT, block=cfg.attn_block_size)
         return dense(out_BTNK, self.wo_NKD[...], in_dims=2)
 
 
