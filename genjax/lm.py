@@ -182,9 +182,14 @@ def _lm_loss(cfg: transformer.Config):
     return loss_fn
 
 
+def make_optimizer(cfg: PretrainConfig):
+    mask = transformer.decay_mask(cfg.model)
+    return train.make_optimizer(cfg.optim, decay_mask=lambda _: mask)
+
+
 def build_state(cfg: PretrainConfig, mesh):
     """Optimizer, sharded train state and the jitted step for this config."""
-    optimizer = train.make_optimizer(cfg.optim)
+    optimizer = make_optimizer(cfg)
     state, shardings = train.create_train_state(
         lambda key: transformer.init(cfg.model, key),
         transformer.param_axes(cfg.model),
@@ -199,6 +204,7 @@ def build_state(cfg: PretrainConfig, mesh):
 def validate(cfg: PretrainConfig, mesh) -> None:
     """Everything that can be wrong with a config, checked before any compile."""
     meshlib.check_batch_size(cfg.data.global_batch_size, mesh)
+    meshlib.check_process_batch_layout(cfg.data.global_batch_size, mesh)
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ValueError(
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}"
@@ -334,7 +340,7 @@ def load_for_scoring(workdir: str | pathlib.Path):
     abstract, _ = train.abstract_train_state(
         lambda key: transformer.init(cfg.model, key),
         transformer.param_axes(cfg.model),
-        train.make_optimizer(cfg.optim),
+        make_optimizer(cfg),
         meshlib.make_mesh("data=-1"),
     )
     with Checkpointer(ckpt_dir, config=saved) as checkpointer:

@@ -173,6 +173,22 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
         )
 
 
+def check_process_batch_layout(global_batch_size: int, mesh: Mesh) -> None:
+    """Process i must own rows [i·B/P, (i+1)·B/P) of the global batch, since that is
+    the block its data pipeline reads; a mesh whose batch axes do not span the
+    processes that way (say tensor=-1 across hosts) would silently mix data."""
+    local = global_batch_size // jax.process_count()
+    start = jax.process_index() * local
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size, 1))
+    rows = {i for idx in index_map.values() for i in range(*idx[0].indices(global_batch_size))}
+    if rows != set(range(start, start + local)):
+        raise ValueError(
+            f"mesh {dict(mesh.shape)} gives process {jax.process_index()} batch rows "
+            f"{min(rows)}..{max(rows)}, not its block {start}..{start + local - 1}; put the "
+            f"data/fsdp axes across processes and tensor within a process"
+        )
+
+
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assembles each process's rows into one global array sharded over the batch axes."""
     return {
@@ -197,9 +213,8 @@ def initialize_distributed(
 ) -> None:
     """Joins a multi-process run. With no arguments JAX reads the cluster from the
     environment (TPU VM metadata, SLURM, or JAX_COORDINATOR_ADDRESS etc.)."""
-    if jax.config.jax_platforms in ("cpu",) or (coordinator and coordinator.startswith("127.")):
-        # CPU collectives across processes go through gloo.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # CPU collectives across processes go through gloo (no effect on GPU/TPU).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
     )

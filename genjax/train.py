@@ -66,19 +66,23 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
     )
 
 
-def _decay_mask(params: Any) -> Any:
-    # Norm scales and other vectors are not decayed; stacked blocks add one axis.
-    return jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim - int(any(getattr(k, "key", None) == "blocks" for k in path)) >= 2,
-        params,
-    )
+def matrices(params: Any) -> Any:
+    """Default weight-decay mask: arrays of rank >= 2 (not norm scales or biases)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: OptimConfig, *, decay_mask: Callable[[Any], Any] = matrices
+) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on the warm-up + cosine schedule.
+
+    ``decay_mask(params)`` is a bool tree choosing what weight decay applies to;
+    models with stacked layers pass their own (a stacked vector has rank 2).
+    """
     clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity()
     adamw = optax.adamw(
         make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-        weight_decay=cfg.weight_decay, mask=_decay_mask,
+        weight_decay=cfg.weight_decay, mask=decay_mask,
     )  # fmt: skip
     return optax.chain(clip, adamw)
 

@@ -24,7 +24,7 @@ def _loss_fn(cfg):
 
 
 def _setup(cfg, mesh, optim=OPTIM):
-    optimizer = train.make_optimizer(optim)
+    optimizer = train.make_optimizer(optim, decay_mask=lambda _: transformer.decay_mask(cfg))
     state, shardings = train.create_train_state(
         lambda k: transformer.init(cfg, k), transformer.param_axes(cfg), optimizer, mesh, seed=0
     )
@@ -137,7 +137,7 @@ def test_schedule_warms_up_then_decays():
 
 
 def test_weight_decay_skips_vectors():
-    mask = train._decay_mask(transformer.abstract_params(transformer.get_preset("tiny")))
+    mask = transformer.decay_mask(transformer.get_preset("tiny"))
     assert mask["embed_VD"] and mask["blocks"]["mlp"]["w_up_DF"]
     assert not mask["final_norm"]["scale"] and not mask["blocks"]["attn_norm"]["scale"]
 

@@ -172,7 +172,8 @@ def run_genjax(spec: dict) -> dict:
         lr=OPTIM["lr"], warmup_steps=0, total_steps=1000, weight_decay=OPTIM["weight_decay"],
         b1=OPTIM["b1"], b2=OPTIM["b2"], eps=OPTIM["eps"], clip_norm=OPTIM["clip_norm"],
     )  # fmt: skip
-    optimizer = train.make_optimizer(opt_cfg)
+    mask = transformer.decay_mask(cfg)  # matrices only, as the torch peer
+    optimizer = train.make_optimizer(opt_cfg, decay_mask=lambda _: mask)
     state, shardings = train.create_train_state(
         lambda key: transformer.init(cfg, key),
         transformer.param_axes(cfg),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import socket
 from collections.abc import Iterable, Sequence
 
 import grain
@@ -159,7 +160,7 @@ def prepare_corpus(
     tokens = tokenize_documents(tokenizer, [text for _, text in read_texts(files)])
     cache.parent.mkdir(parents=True, exist_ok=True)
     # Unique temp name then rename: concurrent processes may prepare the same corpus.
-    tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npy")
+    tmp = cache.with_name(f"{cache.stem}.{socket.gethostname()}.{os.getpid()}.tmp.npy")
     np.save(tmp, tokens)
     os.replace(tmp, cache)
     return tokens

@@ -338,6 +338,15 @@ def param_axes(cfg: Config) -> Params:
     return nnx.to_pure_dict(nnx.from_flat_state(flat))
 
 
+def decay_mask(cfg: Config) -> Params:
+    """Weight decay for matrices only: parameters with two or more axes besides 'layers'."""
+    return jax.tree.map(
+        lambda axes: len([a for a in axes if a != "layers"]) >= 2,
+        param_axes(cfg),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
 def model(cfg: Config, params: Params) -> Transformer:
     """Binds pure parameters to the module (cheap: happens at trace time under jit)."""
     graphdef, abstract_state = _abstract(cfg)
