@@ -87,7 +87,14 @@ def corpus_split(data: DataConfig) -> tuple[list[pathlib.Path], list[pathlib.Pat
     else:
         root = corpuslib.stdlib_root()
         files = corpuslib.stdlib_files(root)
-    return corpuslib.split_by_module(files, val_fraction=data.val_fraction, root=root)
+    if data.val_fraction == 0:
+        return files, []
+    try:
+        return corpuslib.split_by_module(files, val_fraction=data.val_fraction, root=root)
+    except ValueError as e:
+        raise ValueError(
+            f"{e}. To train without validation, pass --set data.val_fraction=0"
+        ) from None
 
 
 def load_or_train_tokenizer(

@@ -193,6 +193,12 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     assert "corpus is empty" in proc.stderr
 
 
+def test_corpus_of_one_module_needs_no_validation(tmp_path, corpus):
+    proc = _run(tmp_path / "w", corpus / "json" / "decoder.py", check=False)
+    assert proc.returncode != 0
+    assert "data.val_fraction=0" in proc.stderr
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
