@@ -114,13 +114,18 @@ def main(argv=None) -> int:
     if "val_bits_per_byte" in summary:
         print(f"validation bits/byte: {summary['val_bits_per_byte']:.4f}")
     if args.sample_tokens and jax.process_count() == 1:
-        from genjax.sampling import greedy_sample
+        from genjax.sampling import generate_text
 
         prompt = "def fibonacci(n):\n"
-        text = greedy_sample(
-            cfg.model, summary["state"].params, summary["tokenizer"], prompt, args.sample_tokens
+        max_new = min(args.sample_tokens, cfg.model.max_seq_len // 2)
+        [text] = generate_text(
+            cfg.model,
+            summary["state"].params,
+            summary["tokenizer"],
+            [prompt],
+            max_new_tokens=max_new,
         )
-        print(f"sample:\n{prompt}{text}")
+        print(f"sample (greedy):\n{prompt}{text}")
     return 0
 
 

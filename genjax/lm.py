@@ -254,6 +254,18 @@ def prepare_data(cfg: PretrainConfig, workdir: pathlib.Path) -> PreparedData:
     return PreparedData(tok, rows, iterator, validation)
 
 
+def make_checkpointer(cfg: PretrainConfig, workdir: pathlib.Path) -> Checkpointer:
+    """The run's checkpointer; everything that writes a run's checkpoints uses it."""
+    return Checkpointer(
+        workdir / "checkpoints",
+        config=configlib.to_dict(cfg),
+        keep=cfg.run.keep_checkpoints,
+        save_every=cfg.run.checkpoint_every,
+        # A resumed iterator is only meaningful over the same data pipeline.
+        compare_keys=("model", "data"),
+    )
+
+
 def pretrain(cfg: PretrainConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Trains (or resumes) a language model in ``workdir``; returns final metrics."""
     workdir = pathlib.Path(workdir)
@@ -262,14 +274,7 @@ def pretrain(cfg: PretrainConfig, workdir: str | pathlib.Path) -> dict[str, Any]
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = meshlib.make_mesh(cfg.run.mesh)
     validate(cfg, mesh)
-    checkpointer = Checkpointer(
-        workdir / "checkpoints",
-        config=configlib.to_dict(cfg),
-        keep=cfg.run.keep_checkpoints,
-        save_every=cfg.run.checkpoint_every,
-        # A resumed iterator is only meaningful over the same data pipeline.
-        compare_keys=("model", "data"),
-    )
+    checkpointer = make_checkpointer(cfg, workdir)
     try:
         checkpointer.check_config()  # refuse another run's checkpoints before any work
         return _pretrain(cfg, workdir, mesh, checkpointer)

@@ -20,7 +20,7 @@ import dataclasses
 import difflib
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -200,15 +200,27 @@ class Attention(nnx.Module):
         self.wo_NKD = _param(rngs, (N, K, D), ("heads", "head_dim", "embed"), out_std, pd)
         self.cfg = cfg
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+    def __call__(
+        self, x_BTD: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Self-attention over the sequence, or (with ``cache``) over the cached
+        keys and values plus these T new ones, which are written into the cache."""
         cfg = self.cfg
         q_BTNK = dense(x_BTD, self.wq_DNK[...])
-        k_BSGK = dense(x_BTD, self.wk_DGK[...])
-        v_BSGK = dense(x_BTD, self.wv_DGK[...])
+        k_BTGK = dense(x_BTD, self.wk_DGK[...])
+        v_BTGK = dense(x_BTD, self.wv_DGK[...])
         q_BTNK = rope(q_BTNK, positions_BT, cfg.rope_theta)
-        k_BSGK = rope(k_BSGK, positions_BT, cfg.rope_theta)
-        out_BTNK = causal_attention(q_BTNK, k_BSGK, v_BSGK, positions_BT, block=cfg.attn_block_size)
-        return dense(out_BTNK, self.wo_NKD[...], in_dims=2)
+        k_BTGK = rope(k_BTGK, positions_BT, cfg.rope_theta)
+        if cache is None:
+            out_BTNK = causal_attention(
+                q_BTNK, k_BTGK, v_BTGK, positions_BT, block=cfg.attn_block_size
+            )
+        else:
+            cache = cache.write(k_BTGK, v_BTGK)
+            k_BSGK, v_BSGK = cache.layer_kv()
+            query_slots_T = cache.slot + jnp.arange(x_BTD.shape[1])
+            out_BTNK = cached_attention(q_BTNK, k_BSGK, v_BSGK, query_slots_T, cache.start_B)
+        return dense(out_BTNK, self.wo_NKD[...], in_dims=2), cache
 
 
 def causal_attention(q_BTNK, k_BSGK, v_BSGK, positions_BT, *, block: int) -> jax.Array:
@@ -235,6 +247,65 @@ def causal_attention(q_BTNK, k_BSGK, v_BSGK, positions_BT, *, block: int) -> jax
     return jnp.concatenate(outs, axis=1).reshape(B, T, N, K)
 
 
+def cached_attention(q_BTNK, k_BSGK, v_BSGK, query_slots_T, key_start_B) -> jax.Array:
+    """Attention of T new queries over S cache slots.
+
+    Row b's sequence occupies slots ``key_start_B[b]`` onwards (prompts are
+    left-padded), and query t sits at slot ``query_slots_T[t]``: it sees the
+    slots in between. Masked slots get probability exactly 0, so the result
+    equals attention over the unpadded sequence.
+    """
+    B, T, N, K = q_BTNK.shape
+    S, G = k_BSGK.shape[1], k_BSGK.shape[2]
+    q_BTGRK = q_BTNK.reshape(B, T, G, N // G, K) * (K**-0.5)
+    scores_BGRTS = jnp.einsum("BTGRK,BSGK->BGRTS", q_BTGRK, k_BSGK)
+    slots_S = jnp.arange(S)
+    visible_BTS = (slots_S <= query_slots_T[:, None])[None] & (
+        slots_S >= key_start_B[:, None, None]
+    )
+    scores_BGRTS = jnp.where(visible_BTS[:, None, None], scores_BGRTS.astype(jnp.float32), -1e30)
+    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(q_BTNK.dtype)
+    out_BTGRK = jnp.einsum("BGRTS,BSGK->BTGRK", probs_BGRTS, v_BSGK)
+    return out_BTGRK.reshape(B, T, N, K)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for S slots, and where this call writes.
+
+    ``k_LBSGK``/``v_LBSGK`` hold all layers so that one buffer is updated in
+    place inside the decoding loop; ``layer`` selects the block being applied,
+    ``slot`` is the first slot written by this call (the same for every row)
+    and ``start_B`` is each row's first real slot (the slots before it are
+    left padding and never attended to).
+    """
+
+    k_LBSGK: jax.Array
+    v_LBSGK: jax.Array
+    slot: jax.Array
+    start_B: jax.Array
+    layer: jax.Array | int = 0  # a Python int in the layer loop, traced under scan
+
+    def write(self, k_BTGK: jax.Array, v_BTGK: jax.Array) -> KVCache:
+        def put(buf, new):
+            at = (self.layer, 0, self.slot, 0, 0)
+            return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), at)
+
+        return self._replace(k_LBSGK=put(self.k_LBSGK, k_BTGK), v_LBSGK=put(self.v_LBSGK, v_BTGK))
+
+    def layer_kv(self) -> tuple[jax.Array, jax.Array]:
+        take = lambda buf: jax.lax.dynamic_index_in_dim(buf, self.layer, 0, keepdims=False)
+        return take(self.k_LBSGK), take(self.v_LBSGK)
+
+
+def init_cache(cfg: Config, batch: int, slots: int, start_B: jax.Array) -> KVCache:
+    """An empty cache of ``slots`` positions per row, in the compute dtype."""
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+    axes = ("layers", "batch", "seq", "kv_heads", "head_dim")
+    zeros = meshlib.constrain(zeros, axes)
+    return KVCache(zeros, zeros, jnp.int32(0), start_B.astype(jnp.int32))
+
+
 class SwiGLU(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         D, F, std, pd = cfg.d_model, cfg.ffn_dim, cfg.init_std, cfg.param_dtype
@@ -257,10 +328,13 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
+    def __call__(
+        self, x_BTD: jax.Array, positions_BT: jax.Array, cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
+        attn_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, cache)
+        x_BTD = x_BTD + attn_BTD
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
-        return meshlib.constrain(x_BTD, ("batch", "seq", "act_embed"))
+        return meshlib.constrain(x_BTD, ("batch", "seq", "act_embed")), cache
 
 
 class Transformer(nnx.Module):
@@ -279,34 +353,63 @@ class Transformer(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None) -> jax.Array:
-        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        x_BTD, _ = _run_blocks(self.blocks, self.embed(tokens_BT), positions_BT, self.cfg)
+        return self.logits(x_BTD)
+
+    def decode(
+        self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs T new tokens against the cache: logits of the last one [B, V], new cache."""
+        x_BTD, cache = _run_blocks(
+            self.blocks, self.embed(tokens_BT), positions_BT, self.cfg, cache
+        )
+        return self.logits(x_BTD[:, -1:])[:, 0], cache
+
+    def embed(self, tokens_BT: jax.Array) -> jax.Array:
         # Gather from the table replicated: a lookup into a (vocab, embed)-sharded
         # table would force GSPMD to rematerialize the output anyway.
-        x_BTD = meshlib.constrain(self.embed_VD[...], (None, None)).astype(dt)[tokens_BT]
-        x_BTD = meshlib.constrain(x_BTD, ("batch", "seq", "act_embed"))
-        x_BTD = _run_blocks(self.blocks, x_BTD, positions_BT, cfg)
+        table_VD = meshlib.constrain(self.embed_VD[...], (None, None))
+        x_BTD = table_VD.astype(jnp.dtype(self.cfg.dtype))[tokens_BT]
+        return meshlib.constrain(x_BTD, ("batch", "seq", "act_embed"))
+
+    def logits(self, x_BTD: jax.Array) -> jax.Array:
         x_BTD = self.final_norm(x_BTD)
-        head_DV = self.embed_VD[...].T if cfg.tie_embeddings else self.lm_head_DV[...]
+        head_DV = self.embed_VD[...].T if self.cfg.tie_embeddings else self.lm_head_DV[...]
         return dense(x_BTD, head_DV).astype(jnp.float32)
 
 
-def _run_blocks(blocks: Block, x_BTD, positions_BT, cfg: Config):
-    """Applies the L stacked blocks by lax.scan or by a Python loop (same numbers)."""
+def _run_blocks(blocks: Block, x_BTD, positions_BT, cfg: Config, cache: KVCache | None = None):
+    """Applies the L stacked blocks by lax.scan or by a Python loop (same numbers).
+
+    With a cache, layer i reads and writes its slice of the one cache buffer,
+    which rides along as loop state so XLA can update it in place.
+    """
     graphdef, stacked = nnx.split(blocks)
 
-    def apply(x, layer_state):
-        return nnx.merge(graphdef, layer_state)(x, positions_BT)
+    def apply(x, layer_state, cache):
+        return nnx.merge(graphdef, layer_state)(x, positions_BT, cache)
 
-    if cfg.remat:
+    if cfg.remat and cache is None:
         apply = jax.checkpoint(apply)
     if cfg.scan_layers:
-        x_BTD, _ = jax.lax.scan(lambda x, s: (apply(x, s), None), x_BTD, stacked)
-        return x_BTD
+
+        def body(carry, layer):
+            i, layer_state = layer
+            x, cache = carry
+            if cache is None:
+                return (apply(x, layer_state, None)[0], None), None
+            x, new_cache = apply(x, layer_state, cache._replace(layer=i))
+            return (x, new_cache._replace(layer=cache.layer)), None  # carry types stay fixed
+
+        layers = (jnp.arange(cfg.num_layers), stacked)
+        (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), layers)
+        return x_BTD, cache
     for i in range(cfg.num_layers):
-        x_BTD = apply(x_BTD, jax.tree.map(lambda a, i=i: a[i], stacked))
-    return x_BTD
+        layer_state = jax.tree.map(lambda a, i=i: a[i], stacked)
+        x_BTD, cache = apply(x_BTD, layer_state, None if cache is None else cache._replace(layer=i))
+    return x_BTD, cache
 
 
 # ----------------------------------------------------------------------------- pure API
@@ -358,6 +461,13 @@ def model(cfg: Config, params: Params) -> Transformer:
 def forward(cfg: Config, params: Params, tokens_BT: jax.Array, positions_BT=None) -> jax.Array:
     """Float32 logits [B, T, V]."""
     return model(cfg, params)(tokens_BT, positions_BT)
+
+
+def decode(
+    cfg: Config, params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache
+) -> tuple[jax.Array, KVCache]:
+    """Feeds T new tokens (written at ``cache.slot``): float32 logits of the last [B, V]."""
+    return model(cfg, params).decode(tokens_BT, positions_BT, cache)
 
 
 def token_nll(cfg: Config, params: Params, tokens_BT1: jax.Array) -> jax.Array:

@@ -1,5 +1,6 @@
-"""Language-model decoding."""
+"""Language-model decoding: token ids (``decode``) and text (``text``)."""
 
-from genjax.sampling.lm import greedy, greedy_sample
+from genjax.sampling.decode import Generation, SamplingParams, generate
+from genjax.sampling.text import generate_text
 
-__all__ = ["greedy", "greedy_sample"]
+__all__ = ["Generation", "SamplingParams", "generate", "generate_text"]

@@ -1,0 +1,391 @@
+"""Decoding throughput on CPU: genjax `decode.generate` vs Hugging Face `generate`.
+
+The BENCHMARKS.md configuration: preset "cpu-small" (6 layers, d_model 384, 6 heads of 64,
+SwiGLU 1024, vocabulary 4096, tied embeddings, context 256), random weights, float32,
+prompts of 32 random token ids, 224 new tokens, batch 1 and 16, greedy and top-p (top_p 0.9,
+temperature 1.0, no top-k), never stopping early. The peer is `transformers`'
+`LlamaForCausalLM` built from the equivalent `LlamaConfig` (random weights, its default SDPA
+attention and dynamic KV cache) calling `model.generate` under `torch.inference_mode()`.
+
+Each side runs in its own subprocess and goes through every (batch, strategy) in turn. Per
+configuration: one first call (genjax compiles here), `--reps` timed calls whose median gives
+new tokens/s (batch × new tokens ÷ seconds), then one untimed streaming call and `--reps`
+streaming calls whose median gives the time to first token (TTFT): for genjax, from calling
+`generate` to `on_token` firing for step 0 (a separate program, since streaming may slow the
+loop); for HF, to the streamer's second `put` (the first carries the prompt). Compile time is
+the first call minus the median call. Peak RSS is the process's VmHWM, reset at the start of
+each configuration (`/proc/self/clear_refs`), so a row's peak is the most that process held
+resident during that configuration (libraries, weights, compiled programs and caches left from
+earlier rows included); the side's peak is the largest over its rows and its start-up.
+
+    python experiments/benchmarks/lm_decode_speed.py                  # print the tables
+    python experiments/benchmarks/lm_decode_speed.py --results experiments/benchmarks/RESULTS.md
+    python experiments/benchmarks/lm_decode_speed.py --sides hf --batches 1 --reps 1  # ~1 min
+
+Hardware: a 2-core CPU. Expected time for the default run: about 10 minutes when the machine
+is otherwise idle, most of it HF at batch 16 (8 calls of 16 × 224 tokens per strategy).
+The issue's goal: genjax ≥ 3× HF's tokens/s at batch 1 and 16, with peak memory ≤ HF's.
+Needs the `bench` extra (torch, CPU build) and `transformers`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from lm_train_speed import cpu_name, peak_rss_mb  # noqa: E402  (house helpers, same folder)
+
+SIDES = ("genjax", "hf")
+# Sampling settings per strategy, in genjax's terms (temperature 0 = greedy; top_k 0 = off).
+STRATEGIES = {
+    "greedy": {"temperature": 0.0, "top_k": 0, "top_p": 1.0},
+    "top_p": {"temperature": 1.0, "top_k": 0, "top_p": 0.9},
+}
+RESULT_TAG = "RESULT_JSON:"
+
+
+def reset_peak_rss() -> bool:
+    """Lower this process's VmHWM to its current RSS (Linux ≥ 4.0); False where refused."""
+    try:
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def prompt_ids(spec: dict, batch: int) -> np.ndarray:
+    """Random int64 [B, P] prompts, identical across sides."""
+    rng = np.random.default_rng(batch)
+    return rng.integers(0, spec["model"]["vocab_size"], (batch, spec["prompt_len"]))
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_config(call, spec: dict, batch: int) -> dict:
+    """Times `call(stream) -> (new_tokens_BN, first_token_time | None)` as the docstring says."""
+    t0 = time.perf_counter()
+    new_BN, _ = call(False)
+    first_call_s = time.perf_counter() - t0
+    if new_BN.shape != (batch, spec["new_tokens"]):
+        raise AssertionError(
+            f"expected {batch} × {spec['new_tokens']} new tokens, got {new_BN.shape}"
+        )
+    call_s = []
+    for _ in range(spec["reps"]):
+        t0 = time.perf_counter()
+        call(False)
+        call_s.append(time.perf_counter() - t0)
+    call(True)  # warm the streaming path: genjax compiles it separately
+    ttft_s = []
+    for _ in range(spec["reps"]):
+        t0 = time.perf_counter()
+        _, t_first = call(True)
+        ttft_s.append(t_first - t0)
+    steady_s = statistics.median(call_s)
+    return {
+        "first_call_s": first_call_s,
+        "compile_s": first_call_s - steady_s,
+        "tokens_per_s": [batch * spec["new_tokens"] / s for s in call_s],
+        "ttft_s": statistics.median(ttft_s),
+    }
+
+
+def run_configs(make_call, spec: dict) -> dict:
+    """Every (batch, strategy) of `spec`; `make_call(prompt_ids_BP, strategy)` builds a call."""
+    side_peak = peak_rss_mb()  # start-up: imports and weights
+    rows, resets = [], []
+    for batch in spec["batches"]:
+        for strategy in spec["strategies"]:
+            resets.append(reset_peak_rss())
+            row = time_config(make_call(prompt_ids(spec, batch), strategy), spec, batch)
+            row.update(batch=batch, strategy=strategy, peak_rss_mb=peak_rss_mb())
+            side_peak = max(side_peak, row["peak_rss_mb"])
+            rows.append(row)
+            print(f"  batch {batch} {strategy}: {row}", file=sys.stderr, flush=True)
+    return {"rows": rows, "peak_rss_mb": side_peak, "peak_reset": all(resets)}
+
+
+# ----------------------------------------------------------------------------- sides
+
+
+def run_genjax(spec: dict) -> dict:
+    import jax
+
+    from genjax.models import transformer
+    from genjax.sampling import decode
+
+    cfg = transformer.get_preset(spec["preset"])
+    params = transformer.init(cfg, jax.random.key(0))
+
+    def make_call(prompts_BP: np.ndarray, strategy: str):
+        prompts = prompts_BP.tolist()
+        sampling = decode.SamplingParams(**STRATEGIES[strategy])
+
+        def call(stream: bool):
+            first = []
+
+            def on_token(step: int, tokens_B: np.ndarray) -> None:
+                if step == 0:
+                    first.append(time.perf_counter())
+
+            gen = decode.generate(
+                cfg, params, prompts, max_new_tokens=spec["new_tokens"], sampling=sampling,
+                seed=0, eos_id=None, on_token=on_token if stream else None,
+            )  # fmt: skip
+            return np.asarray(gen.tokens), (first[0] if first else None)
+
+        return call
+
+    out = run_configs(make_call, spec)
+    out["versions"] = {"jax": jax.__version__}
+    out["params"] = transformer.count_params(cfg)["total"]
+    return out
+
+
+def hf_config(model: dict):
+    """The `LlamaConfig` equivalent to genjax's config fields in `model`."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=model["vocab_size"],
+        hidden_size=model["d_model"],
+        intermediate_size=model["ffn_dim"],
+        num_hidden_layers=model["num_layers"],
+        num_attention_heads=model["num_heads"],
+        num_key_value_heads=model["num_kv_heads"],
+        head_dim=model["head_dim"],
+        max_position_embeddings=model["max_seq_len"],
+        rms_norm_eps=model["norm_eps"],
+        rope_theta=model["rope_theta"],
+        tie_word_embeddings=model["tie_embeddings"],
+        # No special tokens: nothing can end a row early.
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def run_hf(spec: dict) -> dict:
+    import torch
+    import transformers
+    from transformers import LlamaForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstTokenTimer(BaseStreamer):
+        """Records when `generate` hands over a first new token (the first `put` is the prompt)."""
+
+        def __init__(self):
+            self.puts = 0
+            self.first_token_time = None
+
+        def put(self, value):
+            self.puts += 1
+            if self.puts == 2:
+                self.first_token_time = time.perf_counter()
+
+        def end(self):
+            pass
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(hf_config(spec["model"])).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    if n_params != spec["expected_params"]:
+        raise AssertionError(
+            f"HF peer has {n_params} parameters, genjax {spec['expected_params']}: "
+            "the two models are not the same shape"
+        )
+
+    def make_call(prompts_BP: np.ndarray, strategy: str):
+        input_ids = torch.from_numpy(prompts_BP).long()
+        sampling = STRATEGIES[strategy]
+        if sampling["temperature"] == 0.0:
+            options = {"do_sample": False}
+        else:  # top_k=0: switch off generate's default top-k of 50
+            options = {"do_sample": True, **sampling}
+
+        def call(stream: bool):
+            streamer = FirstTokenTimer() if stream else None
+            torch.manual_seed(0)
+            with torch.inference_mode():
+                out_BT = model.generate(
+                    input_ids, attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"],
+                    eos_token_id=None, pad_token_id=None, streamer=streamer, **options,
+                )  # fmt: skip
+            new_BN = out_BT[:, input_ids.shape[1] :].numpy()
+            return new_BN, (streamer.first_token_time if stream else None)
+
+        return call
+
+    out = run_configs(make_call, spec)
+    out["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    out["params"] = n_params
+    return out
+
+
+def child_main(side: str, spec: dict) -> None:
+    if spec["threads"] < (os.cpu_count() or 1):
+        # Same cores for both sides: XLA sizes its pool from the affinity mask.
+        os.sched_setaffinity(0, range(spec["threads"]))
+    out = run_genjax(spec) if side == "genjax" else run_hf(spec)
+    print(RESULT_TAG + json.dumps(out), flush=True)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_side(side: str, spec: dict) -> dict:
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--child", side, json.dumps(spec)]
+    print(f"[{side}] running ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"side {side!r} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
+    return json.loads(lines[-1][len(RESULT_TAG) :])
+
+
+def tables(results: dict[str, dict]) -> list[str]:
+    lines = [
+        "| batch | strategy | side | new tokens/s (median) | min–max | TTFT (ms) "
+        "| first call (s) | compile (s) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_key = {}
+    for side, r in results.items():
+        for row in r["rows"]:
+            by_key.setdefault((row["batch"], row["strategy"]), {})[side] = row
+    for (batch, strategy), sides in by_key.items():
+        for side, row in sides.items():
+            tps = row["tokens_per_s"]
+            lines.append(
+                f"| {batch} | {strategy} | {side} | {statistics.median(tps):,.0f} | "
+                f"{min(tps):,.0f}–{max(tps):,.0f} | {row['ttft_s'] * 1e3:,.1f} | "
+                f"{row['first_call_s']:.1f} | {row['compile_s']:.1f} | {row['peak_rss_mb']:,.0f} |"
+            )
+    peaks = ", ".join(f"{side} {r['peak_rss_mb']:,.0f} MB" for side, r in results.items())
+    lines += ["", f"Peak RSS of each side's process over all its rows: {peaks}."]
+    if not all(side in results for side in SIDES):
+        return lines
+
+    lines += [
+        "",
+        "| batch | strategy | tokens/s genjax / HF (↑) | TTFT genjax / HF (↓) "
+        "| peak RSS genjax / HF (↓) |",
+        "|---|---|---|---|---|",
+    ]
+    speedups = {}
+    for (batch, strategy), sides in by_key.items():
+        g, h = sides["genjax"], sides["hf"]
+        speedup = statistics.median(g["tokens_per_s"]) / statistics.median(h["tokens_per_s"])
+        speedups[batch, strategy] = speedup
+        lines.append(
+            f"| {batch} | {strategy} | **{speedup:.2f}×** | {g['ttft_s'] / h['ttft_s']:.2f}× | "
+            f"{g['peak_rss_mb'] / h['peak_rss_mb']:.2f}× |"
+        )
+    low = min(speedups, key=speedups.get)
+    mem_g, mem_h = results["genjax"]["peak_rss_mb"], results["hf"]["peak_rss_mb"]
+    lines += [
+        "",
+        f"Goal ≥ 3× tokens/s: {'met' if speedups[low] >= 3 else 'missed'} (lowest "
+        f"{speedups[low]:.2f}× at batch {low[0]} {low[1]}). Goal peak RSS ≤ HF: "
+        f"{'met' if mem_g <= mem_h else 'missed'} ({mem_g:,.0f} vs {mem_h:,.0f} MB).",
+    ]
+    return lines
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="cpu-small", help="genjax transformer preset")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="prompts per call")
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    p.add_argument("--reps", type=int, default=3, help="timed calls per row (median reported)")
+    p.add_argument("--new-tokens", type=int, default=224, help="tokens generated per prompt")
+    p.add_argument("--prompt-len", type=int, default=32, help="random prompt tokens")
+    p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU cores per side")
+    p.add_argument("--results", type=pathlib.Path, help="append a dated section to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from genjax.models import transformer
+
+    for name in ("reps", "new_tokens", "prompt_len", "threads"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.batches) < 1:
+        raise SystemExit("--batches must be >= 1")
+    cfg = transformer.get_preset(args.preset)
+    if args.prompt_len + args.new_tokens > cfg.max_seq_len:
+        raise SystemExit(
+            f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} exceeds "
+            f"max_seq_len {cfg.max_seq_len} of {args.preset}"
+        )
+    spec = {
+        "preset": args.preset,
+        "model": dataclasses.asdict(cfg),  # the HF child builds its LlamaConfig from these
+        "expected_params": transformer.count_params(cfg)["total"],
+        "batches": args.batches,
+        "strategies": args.strategies,
+        "reps": args.reps,
+        "new_tokens": args.new_tokens,
+        "prompt_len": args.prompt_len,
+        "threads": args.threads,
+    }
+    results = {side: run_side(side, spec) for side in dict.fromkeys(args.sides)}
+
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    for r in results.values():
+        versions.update(r["versions"])
+    header = [
+        f"preset {args.preset!r}, {spec['expected_params']:,} params, float32, random weights; "
+        f"prompt {args.prompt_len} random tokens + {args.new_tokens} new tokens, no early stop; "
+        f"greedy, top_p = top-p 0.9 at temperature 1.0 (no top-k); median of {args.reps} calls "
+        f"after a first call; {args.threads} threads",
+        "HF: LlamaForCausalLM.generate (SDPA attention, dynamic KV cache) under "
+        "torch.inference_mode(); genjax: genjax.sampling.decode.generate",
+    ]
+    if not all(r["peak_reset"] for r in results.values()):
+        header.append("VmHWM could not be reset: each row's peak RSS includes the rows before it")
+    command = "python " + shlex.join([os.path.relpath(__file__), *(argv or sys.argv[1:])])
+    section = [
+        "",
+        f"## LM decoding throughput — {datetime.date.today().isoformat()}",
+        "",
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores, {platform.machine()}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"- command: `{command}`",
+        *(f"- {h}" for h in header),
+        "",
+        *tables(results),
+        "",
+    ]
+    print("\n".join(section))
+    if args.results:
+        with args.results.open("a") as f:
+            f.write("\n".join(section))
+        print(f"appended to {args.results}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child_main(sys.argv[2], json.loads(sys.argv[3]))
+    else:
+        main()

@@ -1,0 +1,585 @@
+"""Hugging Face Llama ↔ genjax: export a run's checkpoint, import one as a new run.
+
+    python -m genjax.interop.hf export --workdir DIR --out HF_DIR
+    python -m genjax.interop.hf import --hf HF_DIR --workdir DIR [--seq-len N] [--set F=V ...]
+
+genjax's transformer is a Llama (RMSNorm, rotate-half RoPE with frequencies
+``theta^(-i/half)``, SwiGLU, grouped-query attention, no biases, optionally tied
+embeddings), so converting is only a matter of names and layouts: genjax stacks
+its blocks on a leading L axis and keeps heads as their own axis (``wq`` is
+[L, D, N, K]); Hugging Face stores one ``[out, in]`` matrix per layer
+(``q_proj`` is [N·K, D]). Both use the same RoPE convention, so q and k need no
+permutation (tests/test_interop_hf.py checks logits against transformers).
+
+Export writes ``config.json``, ``model.safetensors`` (parameters in their
+``param_dtype``) and the run's sentencepiece ``tokenizer.model`` with a minimal
+``tokenizer_config.json``. The tokenizer is genjax's: ids 0 ``<pad>``, 1
+``<unk>``, 2 ``<eod>``, bytes from 3; a document starts after ``<eod>``, which is
+therefore both the BOS and the EOS id. ``transformers.AutoTokenizer`` on the
+folder gives genjax's ids with that leading 2 (checked on Python source in the
+tests), except around a literal "▁" (U+2581), which genjax spells as bytes;
+``genjax.tokenizer.Tokenizer.load`` on the same file is exact.
+
+Import reads ``config.json`` and safetensors only (a single file or a sharded
+``model.safetensors.index.json``; never pickle, so loading runs no code from
+the checkpoint) and writes a run directory: ``tokenizer.model`` and a step-0
+checkpoint (the imported parameters, a fresh optimizer state) with the config
+``lm.pretrain`` saves, so ``experiments/lm_pretrain.py`` resumes it,
+``genjax.score`` scores it and ``genjax.sampling`` samples it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import shlex
+import shutil
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genjax import config as configlib
+from genjax import lm, train
+from genjax import mesh as meshlib
+from genjax.data import text as textlib
+from genjax.interop import safetensors
+from genjax.models import transformer
+from genjax.tokenizer import EOD_ID, PAD_ID, Tokenizer
+
+Params = dict[str, Any]
+
+# ----------------------------------------------------------------------------- names and layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """How one genjax parameter (one layer's slice of it, for blocks) is stored by HF."""
+
+    hf: str  # Hugging Face name; "{i}" stands for the layer index
+    path: tuple[str, ...]  # genjax parameter path (under "blocks" for per-layer tensors)
+    # A matrix: how many leading genjax axes are its input (HF stores [out, in]).
+    # None: stored in the same layout (norm scales, the [V, D] embedding).
+    in_dims: int | None
+
+    def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.in_dims is None:
+            return shape
+        return (math.prod(shape[self.in_dims :]), math.prod(shape[: self.in_dims]))
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        if self.in_dims is None:
+            return x
+        return x.reshape(math.prod(x.shape[: self.in_dims]), -1).T
+
+    def from_hf(self, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return w if self.in_dims is None else w.T.reshape(shape)
+
+
+_GLOBAL = (
+    _Tensor("model.embed_tokens.weight", ("embed_VD",), None),
+    _Tensor("model.norm.weight", ("final_norm", "scale"), None),
+    _Tensor("lm_head.weight", ("lm_head_DV",), 1),  # untied models only
+)
+_PER_LAYER = (
+    _Tensor("model.layers.{i}.input_layernorm.weight", ("attn_norm", "scale"), None),
+    _Tensor("model.layers.{i}.self_attn.q_proj.weight", ("attn", "wq_DNK"), 1),
+    _Tensor("model.layers.{i}.self_attn.k_proj.weight", ("attn", "wk_DGK"), 1),
+    _Tensor("model.layers.{i}.self_attn.v_proj.weight", ("attn", "wv_DGK"), 1),
+    _Tensor("model.layers.{i}.self_attn.o_proj.weight", ("attn", "wo_NKD"), 2),
+    _Tensor("model.layers.{i}.post_attention_layernorm.weight", ("mlp_norm", "scale"), None),
+    _Tensor("model.layers.{i}.mlp.gate_proj.weight", ("mlp", "w_gate_DF"), 1),
+    _Tensor("model.layers.{i}.mlp.up_proj.weight", ("mlp", "w_up_DF"), 1),
+    _Tensor("model.layers.{i}.mlp.down_proj.weight", ("mlp", "w_down_FD"), 1),
+)
+# Non-persistent RoPE buffers some older checkpoints carry: derived from
+# rope_theta, not parameters.
+_IGNORED_SUFFIX = ".rotary_emb.inv_freq"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    name: str  # Hugging Face tensor name
+    tensor: _Tensor
+    path: tuple[str, ...]  # full genjax path
+    layer: int | None  # index into the stacked L axis; None for global tensors
+    shape: tuple[int, ...]  # genjax shape of one layer's slice (the whole array if global)
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return self.tensor.hf_shape(self.shape)
+
+
+def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
+    tree: Params = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _entries(cfg: transformer.Config) -> list[_Entry]:
+    """Every Hugging Face tensor of a model with this config, in checkpoint order."""
+    shapes = {path: leaf.shape for path, leaf in _flatten(transformer.abstract_params(cfg))}
+    entries = [
+        _Entry(t.hf, t, t.path, None, shapes.pop(t.path)) for t in _GLOBAL if t.path in shapes
+    ]
+    for t in _PER_LAYER:
+        path = ("blocks", *t.path)
+        stacked = shapes.pop(path)
+        entries += [
+            _Entry(t.hf.format(i=i), t, path, i, stacked[1:]) for i in range(cfg.num_layers)
+        ]
+    if shapes:  # a parameter added to the transformer must get a name here, not vanish
+        raise RuntimeError(f"genjax parameters with no Hugging Face name: {sorted(shapes)}")
+    return entries
+
+
+def to_hf_tensors(cfg: transformer.Config, params: Params) -> dict[str, np.ndarray]:
+    """Hugging Face tensors ({name: [out, in] matrix or vector}) of genjax parameters."""
+    flat = dict(_flatten(jax.device_get(params)))
+    tensors = {}
+    for e in _entries(cfg):
+        x = np.asarray(flat[e.path])
+        tensors[e.name] = e.tensor.to_hf(x if e.layer is None else x[e.layer])
+    return tensors
+
+
+def from_hf_tensors(cfg: transformer.Config, tensors: Mapping[str, np.ndarray]) -> Params:
+    """genjax parameters (numpy, in ``cfg.param_dtype``) from Hugging Face tensors.
+
+    Every missing, unexpected or misshapen tensor is named in one error, so a
+    wrong config shows all its consequences at once.
+    """
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIX)}
+    if cfg.tie_embeddings:
+        _drop_tied_head(tensors)
+    entries = _entries(cfg)
+    expected = {e.name for e in entries}
+    problems = [f"{name}: missing" for name in sorted(expected - tensors.keys())]
+    problems += [f"{name}: unexpected tensor" for name in sorted(tensors.keys() - expected)]
+    for e in entries:
+        w = tensors.get(e.name)
+        if w is None:
+            continue
+        if w.shape != e.hf_shape:
+            problems.append(f"{e.name}: expected shape {e.hf_shape}, got {w.shape}")
+        elif safetensors.dtype_name(w.dtype) not in ("F32", "F16", "BF16"):
+            problems.append(f"{e.name}: expected a float tensor, got {w.dtype}")
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(
+            f"the checkpoint does not fit the model of its config.json:\n  {shown}{more}"
+        )
+    dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    flat: dict[tuple[str, ...], Any] = {}
+    for e in entries:
+        x = e.tensor.from_hf(tensors[e.name], e.shape).astype(dtype)
+        if e.layer is None:
+            flat[e.path] = x
+        else:
+            flat.setdefault(e.path, []).append(x)  # layers come in order 0..L-1
+    return _unflatten({p: np.stack(x) if isinstance(x, list) else x for p, x in flat.items()})
+
+
+def _drop_tied_head(tensors: dict[str, np.ndarray]) -> None:
+    """Accepts a tied model's ``lm_head.weight`` (HF may or may not save it) if it is
+    the embedding, and drops it: genjax reads the head from the embedding."""
+    head = tensors.pop("lm_head.weight", None)
+    embed = tensors.get("model.embed_tokens.weight")
+    if head is None or embed is None:
+        return
+    if head.shape != embed.shape or not np.array_equal(head, embed):
+        raise ValueError(
+            "lm_head.weight differs from model.embed_tokens.weight, but config.json has "
+            "tie_word_embeddings=true"
+        )
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def hf_config(cfg: transformer.Config) -> dict[str, Any]:
+    """``config.json`` of ``transformers.LlamaConfig`` for a genjax model config."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        # transformers 4.x reads torch_dtype, 5.x dtype.
+        "torch_dtype": cfg.param_dtype,
+        "dtype": cfg.param_dtype,
+        # A genjax document starts after <eod>: it is the BOS as well as the EOS token.
+        "bos_token_id": EOD_ID,
+        "eos_token_id": EOD_ID,
+        "pad_token_id": PAD_ID,
+    }
+
+
+def _unsupported(hf: Mapping[str, Any]) -> list[str]:
+    """What in a config.json genjax's transformer cannot compute."""
+    problems = []
+    if hf.get("model_type") != "llama":
+        problems.append(f"model_type {hf.get('model_type')!r} (only 'llama' is supported)")
+    arch = hf.get("architectures")
+    if arch is not None and arch != ["LlamaForCausalLM"]:
+        problems.append(f"architectures {arch} (only ['LlamaForCausalLM'] is supported)")
+    if hf.get("rope_scaling") is not None:
+        problems.append(f"rope_scaling {hf['rope_scaling']} (genjax has plain RoPE only)")
+    rope = hf.get("rope_parameters") or {}  # transformers 5.x
+    if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
+        problems.append(f"rope_parameters {rope} (genjax has plain RoPE only)")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            problems.append(f"{key}=true (genjax's transformer has no biases)")
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {hf['hidden_act']!r} (genjax's SwiGLU uses 'silu')")
+    return problems
+
+
+def _count(hf: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    value = hf.get(key)
+    if value is None:
+        if default is None:
+            raise ValueError(f"config.json: {key} is missing")
+        return default
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"config.json: {key} must be an integer, got {value!r}")
+    return value
+
+
+def model_config(hf: Mapping[str, Any]) -> transformer.Config:
+    """The genjax model config of a Llama ``config.json`` (HF's defaults where a key is
+    absent); genjax-only fields (attention block, compute dtype, scan) keep their defaults."""
+    problems = _unsupported(hf)
+    if problems:
+        raise ValueError(f"config.json: unsupported model: {'; '.join(problems)}")
+    num_heads, d_model = _count(hf, "num_attention_heads"), _count(hf, "hidden_size")
+    rope = hf.get("rope_parameters") or {}
+    return transformer.Config(
+        vocab_size=_count(hf, "vocab_size"),
+        d_model=d_model,
+        num_layers=_count(hf, "num_hidden_layers"),
+        num_heads=num_heads,
+        num_kv_heads=_count(hf, "num_key_value_heads", num_heads),
+        head_dim=_count(hf, "head_dim", d_model // max(num_heads, 1)),
+        ffn_dim=_count(hf, "intermediate_size"),
+        max_seq_len=_count(hf, "max_position_embeddings"),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def _param_dtype(tensors: Mapping[str, np.ndarray]) -> str:
+    """The checkpoint's own float dtype when all tensors share one (so a round trip is
+    exact), else float32 (every supported float type widens to it exactly)."""
+    names = {safetensors.dtype_name(t.dtype) for t in tensors.values()}
+    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(
+        names.pop() if len(names) == 1 else "", "float32"
+    )
+
+
+# ----------------------------------------------------------------------------- folders
+
+_SPECIAL_TOKENS = {
+    "bos_token": "<eod>",
+    "eos_token": "<eod>",
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+}
+
+
+def _write_json(path: pathlib.Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def write_hf(
+    out_dir: str | pathlib.Path,
+    cfg: transformer.Config,
+    params: Params,
+    *,
+    tokenizer_path: str | pathlib.Path | None = None,
+) -> None:
+    """A folder ``transformers.LlamaForCausalLM.from_pretrained`` loads."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    safetensors.save(out / "model.safetensors", to_hf_tensors(cfg, params))
+    _write_json(out / "config.json", hf_config(cfg))
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, out / "tokenizer.model")
+        _write_json(out / "special_tokens_map.json", _SPECIAL_TOKENS)
+        _write_json(
+            out / "tokenizer_config.json",
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "model_max_length": cfg.max_seq_len,
+                # genjax conditions a document on a leading <eod>; see the module docstring.
+                "add_bos_token": True,
+                "add_eos_token": False,
+                # genjax's sentencepiece settings: no dummy "▁" before the text.
+                "add_prefix_space": False,
+                "legacy": False,
+                **_SPECIAL_TOKENS,
+            },
+        )
+
+
+def read_hf_config(hf_dir: str | pathlib.Path) -> dict[str, Any]:
+    path = pathlib.Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: expected a Hugging Face model folder")
+    try:
+        hf = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return hf
+
+
+def read_hf_tensors(hf_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """All tensors of ``model.safetensors``, or of the shards listed in
+    ``model.safetensors.index.json``. Pickle-based ``.bin`` files are refused."""
+    hf_dir = pathlib.Path(hf_dir)
+    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return safetensors.load(single)
+    if index.is_file():
+        return _read_shards(index)
+    pickles = sorted(p.name for p in hf_dir.glob("*.bin"))
+    hint = (
+        f" ({', '.join(pickles)} is pickle, which can run code when loaded and is not read; "
+        "re-save with save_pretrained(..., safe_serialization=True))"
+        if pickles
+        else ""
+    )
+    raise FileNotFoundError(
+        f"no model.safetensors or model.safetensors.index.json in {hf_dir}{hint}"
+    )
+
+
+def _read_shards(index: pathlib.Path) -> dict[str, np.ndarray]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    tensors: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        if pathlib.PurePath(shard).name != shard:  # never read outside the folder
+            raise ValueError(f"{index}: shard {shard!r} is not a file name in the folder")
+        for name, tensor in safetensors.load(index.parent / shard).items():
+            if name in tensors:
+                raise ValueError(f"{index}: tensor {name} appears in more than one shard")
+            tensors[name] = tensor
+    return tensors
+
+
+def read_hf(hf_dir: str | pathlib.Path) -> tuple[transformer.Config, Params]:
+    """(model config, params) of a Hugging Face Llama folder, in the checkpoint's dtype."""
+    cfg = model_config(read_hf_config(hf_dir))
+    tensors = read_hf_tensors(hf_dir)
+    cfg = dataclasses.replace(cfg, param_dtype=_param_dtype(tensors))
+    return cfg, from_hf_tensors(cfg, tensors)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def export_run(workdir: str | pathlib.Path, out_dir: str | pathlib.Path) -> int:
+    """Writes the newest checkpoint of a language-model run as a Hugging Face folder;
+    returns its step."""
+    cfg, params, tok, _, step = lm.load_for_scoring(workdir)
+    write_hf(out_dir, cfg, params, tokenizer_path=tok.model_path)
+    return step
+
+
+def import_run(
+    hf_dir: str | pathlib.Path,
+    workdir: str | pathlib.Path,
+    *,
+    seq_len: int | None = None,
+    overrides: Sequence[str] = (),
+) -> lm.PretrainConfig:
+    """Writes a Hugging Face Llama folder as a genjax run (step 0) in a fresh ``workdir``.
+
+    Everything is checked (config, tensors, tokenizer, the run config against the
+    mesh) before anything is written. ``overrides`` are ``--set`` assignments
+    applied to the run config (e.g. ``data.corpus=...`` for the data to train on).
+    """
+    hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
+    model = model_config(read_hf_config(hf_dir))
+    tensors = read_hf_tensors(hf_dir)
+    model = dataclasses.replace(model, param_dtype=_param_dtype(tensors))
+    data = lm.DataConfig(seq_len=seq_len or min(256, model.max_seq_len))
+    cfg = configlib.override(lm.PretrainConfig(model=model, data=data), overrides)
+    params = from_hf_tensors(cfg.model, tensors)
+    tokenizer = _load_tokenizer(hf_dir / "tokenizer.model", cfg.model.vocab_size)
+    mesh = meshlib.make_mesh(cfg.run.mesh)
+    lm.validate(cfg, mesh)
+    _check_fresh(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "tokenizer.model").write_bytes(tokenizer.model_proto)
+    _save_initial_checkpoint(cfg, params, workdir, mesh)
+    return cfg
+
+
+def _load_tokenizer(path: pathlib.Path, vocab_size: int) -> Tokenizer:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: a genjax run needs the model's sentencepiece tokenizer "
+            "(one trained by genjax) next to its weights"
+        )
+    tok = Tokenizer.load(path)  # refuses a sentencepiece model that is not genjax's
+    if tok.vocab_size != vocab_size:
+        raise ValueError(
+            f"{path} has {tok.vocab_size} pieces but config.json has vocab_size={vocab_size}; "
+            "genjax needs them equal"
+        )
+    return tok
+
+
+def _check_fresh(workdir: pathlib.Path) -> None:
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir} exists and is not a directory")
+    taken = [p.name for p in (workdir / "checkpoints", workdir / "tokenizer.model") if p.exists()]
+    if taken:
+        raise ValueError(
+            f"--workdir {workdir} already holds a run ({', '.join(taken)}); import into a "
+            "fresh directory"
+        )
+
+
+def _initial_state(cfg: lm.PretrainConfig, params: Params, mesh) -> train.TrainState:
+    """Step 0 of a run with these parameters: the state ``lm.build_state`` creates
+    (same optimizer, shardings and RNG), its parameters replaced.
+
+    The state is created around zeros rather than ``transformer.init``: the same
+    tree at a fraction of the compile time, and AdamW's fresh moments are zeros
+    whatever the parameters.
+    """
+    abstract = transformer.abstract_params(cfg.model)
+    state, shardings = train.create_train_state(
+        lambda key: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract),
+        transformer.param_axes(cfg.model),
+        lm.make_optimizer(cfg),
+        mesh,
+        seed=cfg.run.seed,
+    )
+    return state._replace(params=jax.device_put(params, shardings.params))
+
+
+def _save_initial_checkpoint(
+    cfg: lm.PretrainConfig, params: Params, workdir: pathlib.Path, mesh
+) -> None:
+    """Saves step 0 as ``lm.pretrain`` saves its steps (same config dict, compared keys)."""
+    with lm.make_checkpointer(cfg, workdir) as checkpointer:
+        state = _initial_state(cfg, params, mesh)
+        checkpointer.save(0, state, _unstarted_iterator(cfg.data), force=True)
+
+
+def _unstarted_iterator(data: lm.DataConfig) -> grain.DatasetIterator:
+    """A data iterator at the position of a run that has taken no step.
+
+    ``lm.pretrain`` restores the data position with the state, so a step-0
+    checkpoint must carry one. grain's iterator state is only its next index,
+    so an iterator over placeholder rows saves exactly what the run's real
+    pipeline would at step 0.
+    """
+    rows = np.zeros((data.global_batch_size, 2), np.int32)
+    return textlib.make_train_iterator(
+        rows,
+        global_batch_size=data.global_batch_size,
+        seed=data.seed,
+        read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0),
+    )
+
+
+def resume_flags(cfg: lm.PretrainConfig) -> list[str]:
+    """``--set`` assignments that give ``experiments/lm_pretrain.py`` (default preset
+    cpu-small, default data) this run's model and data config, which resuming compares."""
+    flags = []
+    for section, default in (("model", transformer.Config()), ("data", lm.DataConfig())):
+        current = getattr(cfg, section)
+        for field in dataclasses.fields(current):
+            value = getattr(current, field.name)
+            if value != getattr(default, field.name):
+                flags.append(f"{section}.{field.name}={value!r}")
+    return flags
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m genjax.interop.hf",
+        description="Hugging Face Llama export/import of genjax language-model runs.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser("export", help="newest checkpoint of a run -> Hugging Face folder")
+    exp.add_argument("--workdir", required=True, help="run directory (experiments/lm_pretrain.py)")
+    exp.add_argument("--out", required=True, help="folder to write (created if needed)")
+    imp = sub.add_parser("import", help="Hugging Face Llama folder -> fresh genjax run")
+    imp.add_argument("--hf", required=True, help="folder with config.json, safetensors, tokenizer")
+    imp.add_argument("--workdir", required=True, help="run directory to create")
+    imp.add_argument("--seq-len", type=int, help="training row length (default min(256, context))")
+    imp.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override run config fields, e.g. data.corpus=\"('src/',)\" optim.lr=1e-4",
+    )
+    args = p.parse_args(argv)
+    try:
+        if args.command == "export":
+            step = export_run(args.workdir, args.out)
+            print(f"exported step {step} of {args.workdir} to {args.out}")
+            return 0
+        cfg = import_run(args.hf, args.workdir, seq_len=args.seq_len, overrides=args.set)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    workdir = shlex.quote(args.workdir)
+    flags = resume_flags(cfg)
+    print(f"imported {args.hf} into {args.workdir} as step 0")
+    print("train it with (keep the model.* and data.* flags; --steps, optim.* are free):")
+    set_flags = f" --set {shlex.join(flags)}" if flags else ""
+    print(f"  python experiments/lm_pretrain.py --workdir {workdir}{set_flags}")
+    print(f"score it with:\n  python -m genjax.score --workdir {workdir} FILE...")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

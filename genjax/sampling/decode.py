@@ -1,0 +1,336 @@
+"""Language-model decoding: prefill, then a KV-cached sampling loop in one jit.
+
+    gen = decode.generate(cfg, params, [[2, 17, 5], [2, 9]], max_new_tokens=64,
+                          sampling=decode.SamplingParams(temperature=0.8, top_p=0.95),
+                          seed=0, eos_id=2)
+    gen.tokens  # new tokens of each prompt, cut at the end-of-sequence token
+
+Prompts of different lengths are left-padded to a common length P (rounded up
+to a power of two, so new prompt texts rarely change a shape) and every row
+then decodes in lockstep: slot P + t of the cache holds token t of every row.
+Positions count from each row's first real token, and padded slots are masked
+out of attention, so a row gives the same tokens alone or in a batch.
+
+Compiled once per (config, batch size, padded prompt length, max_new_tokens):
+the prompt tokens, seeds, sampling values, end-of-sequence id and stop
+sequences are traced arguments. Sampling row b uses the key of ``seed + b``,
+so a prompt's sample does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genjax.models import transformer
+
+# Stop sequences are padded to these sizes so that adding one rarely recompiles.
+_STOP_SLOTS = 4
+_STOP_LEN = 8
+_NO_TOKEN = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_k 0 and top_p 1 switch truncation off.
+
+    The order is Hugging Face's: divide by temperature, keep the top k, then
+    keep the smallest set of most likely tokens whose probability reaches top_p.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
+
+
+GREEDY = SamplingParams()
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per prompt, without the stop token / sequence
+    finish_reasons: list[str]  # "eos", "stop" (a stop sequence) or "length"
+    prompt_len: int  # padded prompt length P the call compiled for
+    logits: np.ndarray | None = None  # [B, max_new_tokens, V] when return_logits
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def truncate_logits(logits_BV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Sets every logit outside the top-k / top-p (nucleus) set to -inf.
+
+    Exact for distinct logits; a logit tied with the smallest kept one is kept too.
+    """
+    V = logits_BV.shape[-1]
+    sorted_BV = -jnp.sort(-logits_BV, axis=-1)  # descending
+    rank_V = jnp.arange(V)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    in_top_k_BV = rank_V < k
+    probs_BV = jax.nn.softmax(jnp.where(in_top_k_BV, sorted_BV, -jnp.inf), axis=-1)
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    # The most likely token is always kept, whatever top_p.
+    keep_BV = in_top_k_BV & ((mass_before_BV < top_p) | (rank_V == 0))
+    num_kept_B = jnp.sum(keep_BV, axis=-1)
+    threshold_B = jnp.take_along_axis(sorted_BV, (num_kept_B - 1)[:, None], axis=-1)
+    return jnp.where(logits_BV >= threshold_B, logits_BV, -jnp.inf)
+
+
+def sample_logits(
+    logits_BV: jax.Array,
+    keys_B: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+) -> jax.Array:
+    """One token per row [B] (int32); all sampling values may be traced."""
+
+    def sample():
+        scaled_BV = logits_BV / temperature
+        # Sorting the vocabulary costs more than a decode step's matmuls at
+        # batch 1 on a CPU, so it only happens when truncation is on.
+        scaled_BV = jax.lax.cond(
+            (top_k > 0) | (top_p < 1.0),
+            lambda x: truncate_logits(x, top_k, top_p),
+            lambda x: x,
+            scaled_BV,
+        )
+        return jax.vmap(jax.random.categorical)(keys_B, scaled_BV).astype(jnp.int32)
+
+    greedy = lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(temperature > 0, sample, greedy)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _stop_hit(window_BM: jax.Array, stops_QM: jax.Array) -> jax.Array:
+    """Whether each row's last tokens end with any (right-aligned, -1 padded) stop sequence."""
+    used_QM = stops_QM != _NO_TOKEN
+    equal_BQM = (window_BM[:, None, :] == stops_QM[None]) | ~used_QM[None]
+    return jnp.any(jnp.all(equal_BQM, axis=-1) & jnp.any(used_QM, axis=-1)[None], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "stream", "return_logits"))
+def _generate(
+    cfg: transformer.Config,
+    params,
+    prompt_BP: jax.Array,
+    start_B: jax.Array,
+    seeds_B: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    eos_id: jax.Array,
+    stops_QM: jax.Array,
+    *,
+    max_new_tokens: int,
+    stream: bool,
+    return_logits: bool,
+):
+    """Prefill the left-padded prompts, then sample ``max_new_tokens`` in a while loop.
+
+    Returns (new tokens [B, N] padded with -1 after a row stops, number of steps
+    run, logits [B, N, V] or None). The loop ends early once every row stopped.
+    """
+    B, P = prompt_BP.shape
+    N = max_new_tokens
+    keys_B = jax.vmap(jax.random.key)(seeds_B)
+    cache = transformer.init_cache(cfg, B, P + N, start_B)
+    positions_BP = jnp.maximum(jnp.arange(P)[None] - start_B[:, None], 0)
+    logits_BV, cache = transformer.decode(cfg, params, prompt_BP, positions_BP, cache)
+
+    def cond(carry):
+        step, _, _, _, done_B, _, _ = carry
+        return (step < N) & ~jnp.all(done_B)
+
+    def body(carry):
+        step, logits_BV, cache, out_BN, done_B, window_BM, all_logits = carry
+        step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
+        token_B = sample_logits(logits_BV, step_keys_B, temperature, top_k, top_p)
+        token_B = jnp.where(done_B, _NO_TOKEN, token_B)
+        out_BN = jax.lax.dynamic_update_index_in_dim(out_BN, token_B, step, 1)
+        if stream:
+            jax.debug.callback(_deliver, step, token_B)
+        if return_logits:
+            all_logits = jax.lax.dynamic_update_index_in_dim(all_logits, logits_BV, step, 1)
+        window_BM = jnp.concatenate([window_BM[:, 1:], token_B[:, None]], axis=1)
+        done_B = done_B | (token_B == eos_id) | _stop_hit(window_BM, stops_QM)
+        # Feed the token back: slot P + step, position = the row's length so far.
+        positions_B1 = (P + step - start_B)[:, None]
+        cache = cache._replace(slot=P + step)
+        logits_BV, cache = transformer.decode(
+            cfg, params, jnp.maximum(token_B, 0)[:, None], positions_B1, cache
+        )
+        return step + 1, logits_BV, cache, out_BN, done_B, window_BM, all_logits
+
+    out_BN = jnp.full((B, N), _NO_TOKEN, jnp.int32)
+    window_BM = jnp.full((B, stops_QM.shape[1]), -2, jnp.int32)  # matches no stop token
+    all_logits = jnp.zeros((B, N, cfg.vocab_size), jnp.float32) if return_logits else None
+    done_B = jnp.zeros((B,), bool)
+    carry = (jnp.int32(0), logits_BV, cache, out_BN, done_B, window_BM, all_logits)
+    step, _, _, out_BN, _, _, all_logits = jax.lax.while_loop(cond, body, carry)
+    return out_BN, step, all_logits
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def padded_prompt_len(longest: int) -> int:
+    """Prompt lengths are rounded up to a power of two (at least 8): fewer compiles."""
+    return max(8, 1 << (longest - 1).bit_length())
+
+
+def _stop_array(stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    slots = max(_STOP_SLOTS, len(stop_sequences))
+    length = max([_STOP_LEN, *map(len, stop_sequences)])
+    stops = np.full((slots, length), _NO_TOKEN, np.int32)
+    for i, seq in enumerate(stop_sequences):
+        if len(seq) == 0:
+            raise ValueError(f"stop sequence {i} is empty")
+        stops[i, length - len(seq) :] = seq
+    return stops
+
+
+def check_request(
+    cfg: transformer.Config, prompts: Sequence[Sequence[int]], max_new_tokens: int
+) -> None:
+    """Everything wrong with a request, said before compiling anything."""
+    if not prompts:
+        raise ValueError("no prompts: pass at least one list of token ids")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(
+                f"prompt {i} is empty: start it with at least one token (e.g. end-of-document)"
+            )
+        bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}): {bad[:5]}")
+        if len(prompt) + max_new_tokens > cfg.max_seq_len:
+            raise ValueError(
+                f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that "
+                f"exceeds the model's context of {cfg.max_seq_len} positions. Shorten the prompt "
+                f"or ask for at most {cfg.max_seq_len - len(prompt)} new tokens"
+            )
+
+
+def generate(
+    cfg: transformer.Config,
+    params,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams = GREEDY,
+    seed: int = 0,
+    eos_id: int | None = None,
+    stop_sequences: Sequence[Sequence[int]] = (),
+    on_token: Callable[[int, np.ndarray], None] | None = None,
+    return_logits: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Generation:
+    """Continues each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
+
+    A row stops after ``eos_id`` or after producing any of ``stop_sequences``
+    (token ids); neither is included in ``Generation.tokens``. ``on_token(step,
+    tokens_B)`` is called from inside the compiled loop as each token is made
+    (-1 for rows already stopped), for streaming. With ``mesh``, the call runs
+    under that mesh: pass ``params`` sharded as ``transformer.param_axes`` says.
+    """
+    check_request(cfg, prompts, max_new_tokens)
+    B = len(prompts)
+    P = padded_prompt_len(max(map(len, prompts)))
+    prompt_BP = np.zeros((B, P), np.int32)
+    start_B = np.zeros((B,), np.int32)
+    for b, prompt in enumerate(prompts):
+        prompt_BP[b, P - len(prompt) :] = prompt
+        start_B[b] = P - len(prompt)
+    args = (
+        prompt_BP,
+        start_B,
+        np.arange(seed, seed + B, dtype=np.uint32),
+        np.float32(sampling.temperature),
+        np.int32(sampling.top_k),
+        np.float32(sampling.top_p),
+        np.int32(-1 if eos_id is None else eos_id),
+        _stop_array(stop_sequences),
+    )
+    static = dict(
+        max_new_tokens=max_new_tokens, stream=on_token is not None, return_logits=return_logits
+    )
+    with _listening(on_token), contextlib.ExitStack() as stack:
+        if mesh is not None:
+            stack.enter_context(jax.set_mesh(mesh))
+        out_BN, steps, logits = _generate(cfg, params, *args, **static)
+        out_BN, steps = np.asarray(out_BN), int(steps)  # waits for the loop (and its callbacks)
+    tokens, reasons = [], []
+    for row in out_BN[:, :steps].tolist():
+        new, reason = _cut(row, eos_id, stop_sequences)
+        tokens.append(new)
+        reasons.append(reason)
+    return Generation(tokens, reasons, P, None if logits is None else np.asarray(logits))
+
+
+def _cut(row: list[int], eos_id: int | None, stops: Sequence[Sequence[int]]):
+    """The row's tokens up to (not including) what stopped it, and why it stopped."""
+    if _NO_TOKEN in row:
+        row = row[: row.index(_NO_TOKEN)]
+    if eos_id is not None and row and row[-1] == eos_id:
+        return row[:-1], "eos"
+    for seq in stops:
+        if len(row) >= len(seq) and row[len(row) - len(seq) :] == list(seq):
+            return row[: len(row) - len(seq)], "stop"
+    return row, "length"
+
+
+# Streaming: the compiled loop calls one module-level function (so a new
+# callback never recompiles), which hands the tokens to the current listener.
+# Not thread-local: XLA runs the callback on its own threads.
+_listener: dict[str, _OrderedStream | None] = {"stream": None}
+
+
+@contextlib.contextmanager
+def _listening(on_token: Callable[[int, np.ndarray], None] | None):
+    previous = _listener["stream"]
+    _listener["stream"] = _OrderedStream(on_token) if on_token is not None else None
+    try:
+        yield
+    finally:
+        _listener["stream"] = previous
+
+
+def _deliver(step, tokens_B) -> None:
+    stream = _listener["stream"]
+    if stream is not None:
+        stream(int(step), np.asarray(tokens_B))
+
+
+class _OrderedStream:
+    """Delivers streamed tokens in step order: ``jax.debug.callback`` gives no
+    ordering guarantee, so early arrivals wait in a buffer."""
+
+    def __init__(self, on_token: Callable[[int, np.ndarray], None]):
+        self.on_token = on_token
+        self.next_step = 0
+        self.pending: dict[int, np.ndarray] = {}
+
+    def __call__(self, step: int, tokens_B: np.ndarray) -> None:
+        self.pending[step] = tokens_B
+        while self.next_step in self.pending:
+            self.on_token(self.next_step, self.pending.pop(self.next_step))
+            self.next_step += 1

@@ -1,0 +1,223 @@
+"""KV-cached decoding and sampling (genjax.sampling.decode)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from genjax import mesh as meshlib
+from genjax.models import transformer
+from genjax.sampling import decode
+
+# init_std 0.1: logits spread enough that argmax ties and near-ties do not occur.
+CFG = dataclasses.replace(transformer.get_preset("tiny"), init_std=0.1)
+# Row 0 pads the batch to 16 positions; rows 1 and 2 alone pad to 8.
+PROMPTS = [[2, 5, 7, 9, 11, 13, 17, 19, 23, 29], [2, 3], [2, 40, 41, 42, 43]]
+NEW = 10  # one max_new_tokens for most tests: fewer compiles
+# Cached logits agree with full recomputation to float32 rounding: the same
+# matmuls on [B·1, D] instead of [B·T, D] rows, and softmax sums over extra
+# masked (exactly zero) terms. Logits here have std ≈ 0.4.
+LOGIT_ATOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def params():
+    return transformer.init(CFG, jax.random.key(0))
+
+
+_forward = jax.jit(transformer.forward, static_argnums=0)
+
+
+def full_forward(cfg, params, seq):
+    """Logits [len(seq), V] by one forward over the sequence, padded to the full
+    context (causality makes the padding irrelevant) so every call shares a compile."""
+    tokens = np.zeros((1, cfg.max_seq_len), np.int32)
+    tokens[0, : len(seq)] = seq
+    return np.asarray(_forward(cfg, params, jnp.asarray(tokens))[0, : len(seq)])
+
+
+def full_forward_logits(cfg, params, prompt, new_tokens):
+    """Logits predicting each new token, recomputed from the whole sequence."""
+    logits = full_forward(cfg, params, list(prompt) + list(new_tokens))
+    return logits[len(prompt) - 1 : len(prompt) - 1 + len(new_tokens)]
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_cached_logits_equal_full_recomputation_at_every_step(params, scan_layers):
+    cfg = dataclasses.replace(CFG, scan_layers=scan_layers)
+    sampling = decode.SamplingParams(temperature=1.0, top_p=0.9)
+    gen = decode.generate(
+        cfg, params, PROMPTS, max_new_tokens=NEW, sampling=sampling, seed=3, return_logits=True
+    )
+    for b, prompt in enumerate(PROMPTS):
+        assert len(gen.tokens[b]) == NEW
+        ref = full_forward_logits(cfg, params, prompt, gen.tokens[b])
+        np.testing.assert_allclose(gen.logits[b], ref, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_greedy_equals_argmax_loop_over_full_forwards(params):
+    prompt, num_new = PROMPTS[0], NEW
+    gen = decode.generate(CFG, params, [prompt], max_new_tokens=num_new)
+    seq = list(prompt)
+    for _ in range(num_new):
+        seq.append(int(np.argmax(full_forward(CFG, params, seq)[-1])))
+    assert gen.tokens[0] == seq[len(prompt) :]
+    assert gen.finish_reasons == ["length"]
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [decode.SamplingParams(), decode.SamplingParams(temperature=1.0, top_k=50, top_p=0.9)],
+    ids=["greedy", "top_k_top_p"],
+)
+def test_batch_of_different_lengths_equals_each_prompt_alone(params, sampling):
+    batch = decode.generate(CFG, params, PROMPTS, max_new_tokens=NEW, sampling=sampling, seed=7)
+    assert batch.prompt_len == 16
+    for b, prompt in enumerate(PROMPTS):
+        # Row b samples with seed + b: alone, it gets that seed directly.
+        alone = decode.generate(
+            CFG, params, [prompt], max_new_tokens=NEW, sampling=sampling, seed=7 + b
+        )
+        assert alone.tokens[0] == batch.tokens[b]
+
+
+def test_reproducible_by_seed_and_seed_matters(params):
+    sampling = decode.SamplingParams(temperature=1.5)
+    run = lambda seed: (
+        decode.generate(
+            CFG, params, PROMPTS, max_new_tokens=NEW, sampling=sampling, seed=seed
+        ).tokens
+    )
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_temperature_to_zero_equals_greedy(params):
+    greedy = decode.generate(CFG, params, PROMPTS, max_new_tokens=NEW).tokens
+    cold = decode.SamplingParams(temperature=1e-4)
+    assert decode.generate(CFG, params, PROMPTS, max_new_tokens=NEW, sampling=cold).tokens == greedy
+
+
+def reference_distribution(logits, temperature, top_k, top_p):
+    """The truncated, renormalized distribution, computed independently in numpy."""
+    p = np.exp((logits - logits.max()) / temperature)
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = np.zeros_like(p, dtype=bool)
+    k = top_k if top_k > 0 else len(p)
+    kept_mass = p[order[:k]] / p[order[:k]].sum()
+    mass = 0.0
+    for rank, i in enumerate(order[:k]):
+        keep[i] = True
+        mass += kept_mass[rank]
+        if mass >= top_p:
+            break
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(1.0, 0, 1.0), (0.7, 3, 1.0), (1.0, 0, 0.8), (1.3, 5, 0.6), (0.5, 2, 0.99)],
+)
+def test_sampling_follows_truncated_distribution_chi_square(temperature, top_k, top_p):
+    logits_V = np.array([2.0, 1.5, 1.2, 0.9, 0.3, 0.0, -0.5, -1.5], np.float32)
+    draws = 40_000
+    keys = jax.random.split(jax.random.key(0), draws)
+    tokens = decode.sample_logits(
+        jnp.broadcast_to(logits_V, (draws, len(logits_V))),
+        keys,
+        jnp.float32(temperature),
+        jnp.int32(top_k),
+        jnp.float32(top_p),
+    )
+    counts = np.bincount(np.asarray(tokens), minlength=len(logits_V))
+    expected = reference_distribution(logits_V.astype(np.float64), temperature, top_k, top_p)
+    support = expected > 0
+    assert counts[~support].sum() == 0, "sampled a token outside the truncated set"
+    _, p_value = stats.chisquare(counts[support], expected[support] * draws)
+    assert p_value > 1e-3, (counts, expected * draws)
+
+
+def test_changing_prompt_seed_or_sampling_values_does_not_recompile(params):
+    generate = lambda prompts, **kw: decode.generate(CFG, params, prompts, max_new_tokens=NEW, **kw)
+    generate([[2, 5, 6]])
+    compiled = decode._generate._cache_size()
+    generate([[2, 9, 9, 9, 1]], seed=4)  # another prompt text, same padded length
+    generate([[2, 5, 6]], sampling=decode.SamplingParams(temperature=0.8, top_k=7, top_p=0.5))
+    generate([[2, 5, 6]], sampling=decode.SamplingParams(temperature=1.2), seed=9)
+    generate([[2, 5, 6]], eos_id=3, stop_sequences=[[4, 4]])
+    assert decode._generate._cache_size() == compiled
+
+
+def test_stops_at_end_of_sequence_and_stop_sequences(params):
+    free = decode.generate(CFG, params, PROMPTS, max_new_tokens=NEW).tokens
+    # Pretend row 0's first token that is new after step 0 is end-of-sequence.
+    cut = next(i for i in range(1, NEW) if free[0][i] not in free[0][:i])
+    eos = free[0][cut]
+    gen = decode.generate(CFG, params, PROMPTS, max_new_tokens=NEW, eos_id=eos)
+    assert gen.tokens[0] == free[0][:cut] and gen.finish_reasons[0] == "eos"
+    for b in (1, 2):  # the other rows run on unless they also hit it
+        expected = free[b][: free[b].index(eos)] if eos in free[b] else free[b]
+        assert gen.tokens[b] == expected
+    stop = free[1][4:6]
+    gen = decode.generate(CFG, params, PROMPTS, max_new_tokens=NEW, stop_sequences=[stop])
+    assert gen.tokens[1] == free[1][:4] and gen.finish_reasons[1] == "stop"
+
+
+def test_streaming_delivers_every_token_in_order(params):
+    seen = []
+    gen = decode.generate(
+        CFG,
+        params,
+        PROMPTS,
+        max_new_tokens=NEW,
+        eos_id=PROMPTS[0][0],
+        on_token=lambda step, tokens: seen.append((step, tokens.tolist())),
+    )
+    assert [s for s, _ in seen] == list(range(len(seen)))
+    for b in range(len(PROMPTS)):
+        streamed = [t[b] for _, t in seen if t[b] >= 0]
+        assert streamed[: len(gen.tokens[b])] == gen.tokens[b]
+
+
+def test_sharded_decoding_equals_one_device(params):
+    mesh = meshlib.make_mesh("fsdp=4,tensor=2")
+    shardings = meshlib.tree_shardings(transformer.param_axes(CFG), params, mesh)
+    sharded = jax.device_put(params, shardings)
+    wq = sharded["blocks"]["attn"]["wq_DNK"]
+    assert wq.sharding.shard_shape(wq.shape) == (CFG.num_layers, CFG.d_model // 4, 2, 16)
+    prompts = [*PROMPTS, [2, 8]]  # 4 rows: one per fsdp shard of the batch
+    sampling = decode.SamplingParams(temperature=1.0, top_k=40)
+    kw = dict(max_new_tokens=NEW, sampling=sampling, seed=5, return_logits=True)
+    one = decode.generate(CFG, params, prompts, **kw)
+    many = decode.generate(CFG, sharded, prompts, mesh=mesh, **kw)
+    assert many.tokens == one.tokens
+    np.testing.assert_allclose(many.logits, one.logits, atol=LOGIT_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "prompts,max_new,match",
+    [
+        ([], 4, "no prompts"),
+        ([[2, 3], []], 4, "prompt 1 is empty"),
+        ([[2, 512]], 4, r"outside \[0, 512\)"),
+        ([[2] * 60], 10, "exceeds the model's context of 64.*at most 4 new tokens"),
+        ([[2]], 0, "max_new_tokens=0"),
+    ],
+)
+def test_bad_requests_are_refused_before_compiling(params, prompts, max_new, match):
+    with pytest.raises(ValueError, match=match):
+        decode.generate(CFG, params, prompts, max_new_tokens=max_new)
+
+
+def test_bad_sampling_values():
+    with pytest.raises(ValueError, match="top_p"):
+        decode.SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        decode.SamplingParams(temperature=-1.0)
+    with pytest.raises(ValueError, match="top_k"):
+        decode.SamplingParams(top_k=-2)

@@ -1,0 +1,106 @@
+"""Text generation (genjax.sampling.text) and the sampling CLI on a real trained run."""
+
+import dataclasses
+import importlib.util
+import pathlib
+import re
+import sysconfig
+
+import pytest
+
+from genjax import lm
+from genjax.models import transformer
+from genjax.sampling import SamplingParams, generate_text
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A real (three-step) run on the stdlib's json package: (workdir, cfg, params, tokenizer)."""
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    corpus = tuple(str(p) for p in sorted((stdlib / "json").glob("*.py")))
+    cfg = lm.PretrainConfig(
+        model=dataclasses.replace(transformer.get_preset("tiny"), vocab_size=384),
+        data=lm.DataConfig(corpus=corpus, val_fraction=0.0, seq_len=32, global_batch_size=8),
+        run=lm.RunConfig(steps=3),
+    )
+    workdir = tmp_path_factory.mktemp("run")
+    lm.pretrain(cfg, workdir)
+    model_cfg, params, tokenizer, _, _ = lm.load_for_scoring(workdir)
+    return workdir, model_cfg, params, tokenizer
+
+
+def _sample_script():
+    spec = importlib.util.spec_from_file_location("lm_sample", ROOT / "experiments/lm_sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SAMPLING = SamplingParams(temperature=1.0, top_p=0.95)
+
+
+def test_streamed_text_equals_returned_text_and_stop_strings_cut(run):
+    _, cfg, params, tok = run
+    prompts = ["def loads(s):\n", "import "]
+    kw = dict(max_new_tokens=24, sampling=SAMPLING, seed=1)
+    free = generate_text(cfg, params, tok, prompts, **kw)
+    assert all(len(t) > 4 for t in free)
+    stop = free[0][2:4]  # a stop string the model really produces
+    pieces = {0: [], 1: []}
+    cut = generate_text(
+        cfg, params, tok, prompts, stop=[stop], on_text=lambda r, p: pieces[r].append(p), **kw
+    )
+    assert cut[0] == free[0][: free[0].index(stop)]
+    assert stop not in cut[1]
+    assert cut[1] == free[1][: len(cut[1])]
+    for row in (0, 1):
+        assert "".join(pieces[row]) == cut[row]
+
+
+def test_cli_streams_one_prompt(run, capsys):
+    workdir, cfg, params, tok = run
+    prompt = "class Decoder:"
+    code = _sample_script().main(
+        ["--workdir", str(workdir), "--prompt", prompt, "--max-new-tokens", "20"]
+    )
+    assert code == 0
+    [expected] = generate_text(cfg, params, tok, [prompt], max_new_tokens=20)
+    assert capsys.readouterr().out == prompt + expected + "\n"
+
+
+def test_cli_batch_from_prompts_file(run, tmp_path, capsys):
+    workdir = run[0]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def a():\\n    return\nimport json\n\n")
+    args = ["--workdir", str(workdir), "--prompts-file", str(prompts), "--num-samples", "2"]
+    args += ["--max-new-tokens", "16"]
+    code = _sample_script().main([*args, "--temperature", "0.9", "--top-k", "20", "--seed", "3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    headers = [line for line in out.splitlines() if line.startswith("### ")]
+    assert headers == [f"### prompt {p}, sample {s}" for p in (0, 1) for s in (0, 1)]
+    assert "def a():\n    return" in out
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--prompt", "x", "--max-new-tokens", "100"], "exceeds the model's context of 64"),
+        (["--prompt", "x", "--top-p", "0"], "top_p"),
+        (["--prompts-file", "/nonexistent.txt"], "does not exist"),
+        (["--prompt", "x"], "max_new_tokens=120 that exceeds"),
+        (["--prompt", "x", "--num-samples", "0"], "num-samples"),
+    ],
+)
+def test_cli_bad_input_is_a_clear_error(run, capsys, extra, match):
+    code = _sample_script().main(["--workdir", str(run[0]), *extra])
+    assert code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_cli_without_checkpoint(tmp_path, capsys):
+    code = _sample_script().main(["--workdir", str(tmp_path), "--prompt", "x"])
+    assert code == 2
+    assert "no checkpoint" in capsys.readouterr().err
