@@ -157,3 +157,42 @@ def test_blocked_causal_attention_equals_one_block(params, block, length):
     blocked = transformer.forward(dataclasses.replace(CFG, attn_block_size=block), params, tokens)
     whole = transformer.forward(dataclasses.replace(CFG, attn_block_size=0), params, tokens)
     np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_remat_policy_dots_equals_plain_path(params):
+    tokens = _tokens(3)
+    grad = lambda cfg: jax.grad(lambda p: transformer.loss(cfg, p, {"tokens": tokens})[0])(params)
+    plain = grad(CFG)
+    for scan in (False, True):
+        cfg = dataclasses.replace(CFG, remat=True, remat_policy="dots", scan_layers=scan)
+        chex.assert_trees_all_close(grad(cfg), plain, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_resolves_per_backend():
+    bf16 = dataclasses.replace(CFG, dtype="bfloat16")
+    on_gpu = jax.default_backend() == "gpu"
+    assert transformer.attention_impl(bf16) == ("cudnn" if on_gpu else "xla")
+    assert transformer.attention_impl(CFG) == "xla"  # cuDNN flash needs 16-bit compute
+    with pytest.raises(ValueError, match="attention='flash'"):
+        dataclasses.replace(CFG, attention="flash")
+    with pytest.raises(ValueError, match="remat_policy='all'"):
+        dataclasses.replace(CFG, remat_policy="all")
+
+
+@pytest.mark.accelerator
+def test_cudnn_attention_matches_xla_attention_in_bf16():
+    if jax.default_backend() != "gpu":
+        pytest.skip("cuDNN attention needs a GPU")
+    cfg = dataclasses.replace(CFG, dtype="bfloat16", max_seq_len=128, attn_block_size=32)
+    params = transformer.init(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (4, 129), 0, cfg.vocab_size)
+
+    def loss_and_grad(attention):
+        c = dataclasses.replace(cfg, attention=attention)
+        f = jax.jit(jax.value_and_grad(lambda p: transformer.loss(c, p, {"tokens": tokens})[0]))
+        return f(params)
+
+    (loss_xla, grad_xla), (loss_cudnn, grad_cudnn) = loss_and_grad("xla"), loss_and_grad("cudnn")
+    # bf16 compute: both sides round activations to 8 mantissa bits.
+    np.testing.assert_allclose(loss_cudnn, loss_xla, rtol=2e-3)
+    chex.assert_trees_all_close(grad_cudnn, grad_xla, atol=2e-3, rtol=5e-2)
