@@ -142,6 +142,15 @@ def test_sampling_follows_truncated_distribution_chi_square(temperature, top_k, 
     assert p_value > 1e-3, (counts, expected * draws)
 
 
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.5), (40, 1.0), (100, 0.9), (1, 0.3), (0, 0.999)])
+def test_truncated_set_equals_sorting_reference_on_a_large_vocabulary(top_k, top_p):
+    logits_BV = 3.0 * jax.random.normal(jax.random.key(top_k), (4, 4096))
+    kept = np.isfinite(np.asarray(decode.truncate_logits(logits_BV, top_k, top_p)))
+    for row, logits in zip(kept, np.asarray(logits_BV, np.float64), strict=True):
+        expected = reference_distribution(logits, 1.0, top_k, top_p) > 0
+        np.testing.assert_array_equal(row, expected)
+
+
 def test_changing_prompt_seed_or_sampling_values_does_not_recompile(params):
     generate = lambda prompts, **kw: decode.generate(CFG, params, prompts, max_new_tokens=NEW, **kw)
     generate([[2, 5, 6]])

@@ -13,18 +13,23 @@ new tokens/s (batch × new tokens ÷ seconds), then one untimed streaming call a
 streaming calls whose median gives the time to first token (TTFT): for genjax, from calling
 `generate` to `on_token` firing for step 0 (a separate program, since streaming may slow the
 loop); for HF, to the streamer's second `put` (the first carries the prompt). Compile time is
-the first call minus the median call. Peak RSS is the process's VmHWM, reset at the start of
-each configuration (`/proc/self/clear_refs`), so a row's peak is the most that process held
-resident during that configuration (libraries, weights, compiled programs and caches left from
-earlier rows included); the side's peak is the largest over its rows and its start-up.
+the first call minus the median call; a row that reuses an earlier row's program (genjax's
+top_p after greedy: the sampling settings are traced values) shows ≈ 0, noise either way.
+Peak RSS is the process's VmHWM, reset at the start of each configuration
+(`/proc/self/clear_refs`), so a row's peak is the most that process held resident during that
+configuration (libraries, weights, compiled programs and caches left from earlier rows
+included); the side's peak is the largest over its rows and its start-up.
 
     python experiments/benchmarks/lm_decode_speed.py                  # print the tables
     python experiments/benchmarks/lm_decode_speed.py --results experiments/benchmarks/RESULTS.md
-    python experiments/benchmarks/lm_decode_speed.py --sides hf --batches 1 --reps 1  # ~1 min
+    python experiments/benchmarks/lm_decode_speed.py --sides hf --batches 1 --reps 1  # ~30 s
 
-Hardware: a 2-core CPU. Expected time for the default run: about 10 minutes when the machine
-is otherwise idle, most of it HF at batch 16 (8 calls of 16 × 224 tokens per strategy).
-The issue's goal: genjax ≥ 3× HF's tokens/s at batch 1 and 16, with peak memory ≤ HF's.
+Hardware: a 2-core CPU. Expected time for the default run: about 4 minutes when the machine is
+lightly loaded (other jobs on the two cores slow both sides many-fold: check `uptime`). HF
+there ran at ≈ 300 new tokens/s at batch 1 and ≈ 1,200 at batch 16 (greedy; top-p ≈ 250 and
+≈ 950), TTFT ≈ 10 ms and ≈ 60 ms. The issue's goal: genjax ≥ 3× HF's tokens/s at batch 1 and
+16, with peak memory ≤ HF's.
+
 Needs the `bench` extra (torch, CPU build) and `transformers`.
 """
 
@@ -107,7 +112,7 @@ def time_config(call, spec: dict, batch: int) -> dict:
 
 def run_configs(make_call, spec: dict) -> dict:
     """Every (batch, strategy) of `spec`; `make_call(prompt_ids_BP, strategy)` builds a call."""
-    side_peak = peak_rss_mb()  # start-up: imports and weights
+    startup_mb = side_peak = peak_rss_mb()  # imports and weights
     rows, resets = [], []
     for batch in spec["batches"]:
         for strategy in spec["strategies"]:
@@ -117,7 +122,12 @@ def run_configs(make_call, spec: dict) -> dict:
             side_peak = max(side_peak, row["peak_rss_mb"])
             rows.append(row)
             print(f"  batch {batch} {strategy}: {row}", file=sys.stderr, flush=True)
-    return {"rows": rows, "peak_rss_mb": side_peak, "peak_reset": all(resets)}
+    return {
+        "rows": rows,
+        "startup_rss_mb": startup_mb,
+        "peak_rss_mb": side_peak,
+        "peak_reset": all(resets),
+    }
 
 
 # ----------------------------------------------------------------------------- sides
@@ -278,7 +288,10 @@ def tables(results: dict[str, dict]) -> list[str]:
                 f"{min(tps):,.0f}–{max(tps):,.0f} | {row['ttft_s'] * 1e3:,.1f} | "
                 f"{row['first_call_s']:.1f} | {row['compile_s']:.1f} | {row['peak_rss_mb']:,.0f} |"
             )
-    peaks = ", ".join(f"{side} {r['peak_rss_mb']:,.0f} MB" for side, r in results.items())
+    peaks = ", ".join(
+        f"{side} {r['peak_rss_mb']:,.0f} MB ({r['startup_rss_mb']:,.0f} after imports and weights)"
+        for side, r in results.items()
+    )
     lines += ["", f"Peak RSS of each side's process over all its rows: {peaks}."]
     if not all(side in results for side in SIDES):
         return lines
@@ -358,7 +371,8 @@ def main(argv=None) -> None:
         f"preset {args.preset!r}, {spec['expected_params']:,} params, float32, random weights; "
         f"prompt {args.prompt_len} random tokens + {args.new_tokens} new tokens, no early stop; "
         f"greedy, top_p = top-p 0.9 at temperature 1.0 (no top-k); median of {args.reps} calls "
-        f"after a first call; {args.threads} threads",
+        f"after a first call; {args.threads} threads; compile = first call − median call "
+        "(≈ 0, or slightly negative from noise, where a row reuses an earlier row's program)",
         "HF: LlamaForCausalLM.generate (SDPA attention, dynamic KV cache) under "
         "torch.inference_mode(); genjax: genjax.sampling.decode.generate",
     ]

@@ -243,9 +243,9 @@ class Attention(nnx.Module):
             )
         else:
             cache = cache.write(k_BTGK, v_BTGK)
-            k_BSGK, v_BSGK = cache.layer_kv()
+            k_BGSK, v_BGSK = cache.layer_kv()
             query_slots_T = cache.slot + jnp.arange(x_BTD.shape[1])
-            out_BTNK = cached_attention(q_BTNK, k_BSGK, v_BSGK, query_slots_T, cache.start_B)
+            out_BTNK = cached_attention(q_BTNK, k_BGSK, v_BGSK, query_slots_T, cache.start_B)
         return dense(out_BTNK, self.wo_NKD[...], in_dims=2), cache
 
 
@@ -281,63 +281,74 @@ def causal_attention(q_BTNK, k_BSGK, v_BSGK, positions_BT, *, block: int) -> jax
     return jnp.concatenate(outs, axis=1).reshape(B, T, N, K)
 
 
-def cached_attention(q_BTNK, k_BSGK, v_BSGK, query_slots_T, key_start_B) -> jax.Array:
+def cached_attention(q_BTNK, k_BGSK, v_BGSK, query_slots_T, key_start_B) -> jax.Array:
     """Attention of T new queries over S cache slots.
 
     Row b's sequence occupies slots ``key_start_B[b]`` onwards (prompts are
     left-padded), and query t sits at slot ``query_slots_T[t]``: it sees the
     slots in between. Masked slots get probability exactly 0, so the result
-    equals attention over the unpadded sequence.
+    equals attention over the unpadded sequence. The cache is laid out
+    [B, G, S, K] so that both products are batched over (B, G) without
+    transposing it (in [B, S, G, K], XLA:CPU transposed the whole cache at
+    every step).
     """
     B, T, N, K = q_BTNK.shape
-    S, G = k_BSGK.shape[1], k_BSGK.shape[2]
-    q_BTGRK = q_BTNK.reshape(B, T, G, N // G, K) * (K**-0.5)
-    scores_BGRTS = jnp.einsum("BTGRK,BSGK->BGRTS", q_BTGRK, k_BSGK)
+    G, S = k_BGSK.shape[1], k_BGSK.shape[2]
+    q_BGRTK = q_BTNK.reshape(B, T, G, N // G, K).transpose(0, 2, 3, 1, 4) * (K**-0.5)
+    scores_BGRTS = jnp.einsum("BGRTK,BGSK->BGRTS", q_BGRTK, k_BGSK)
     slots_S = jnp.arange(S)
     visible_BTS = (slots_S <= query_slots_T[:, None])[None] & (
         slots_S >= key_start_B[:, None, None]
     )
     scores_BGRTS = jnp.where(visible_BTS[:, None, None], scores_BGRTS.astype(jnp.float32), -1e30)
     probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(q_BTNK.dtype)
-    out_BTGRK = jnp.einsum("BGRTS,BSGK->BTGRK", probs_BGRTS, v_BSGK)
-    return out_BTGRK.reshape(B, T, N, K)
+    out_BGRTK = jnp.einsum("BGRTS,BGSK->BGRTK", probs_BGRTS, v_BGSK)
+    return out_BGRTK.transpose(0, 3, 1, 2, 4).reshape(B, T, N, K)
 
 
 class KVCache(NamedTuple):
     """Keys and values of every layer for S slots, and where this call writes.
 
-    ``k_LBSGK``/``v_LBSGK`` hold all layers so that one buffer is updated in
-    place inside the decoding loop; ``layer`` selects the block being applied,
-    ``slot`` is the first slot written by this call (the same for every row)
-    and ``start_B`` is each row's first real slot (the slots before it are
-    left padding and never attended to).
+    One buffer per layer (``k[i]`` is [B, G, S, K]): each is updated in place
+    inside the decoding loop and read without copying, which a slice of one
+    stacked [L, ...] buffer would cost (XLA:CPU copies such slices: at batch
+    16 those copies took three quarters of a cpu-small decoding step).
+    ``slot`` is the first slot this call writes (the same for every row) and
+    ``start_B`` each row's first real slot (slots before it are left padding
+    and never attended to); ``layer`` is the block being applied.
     """
 
-    k_LBSGK: jax.Array
-    v_LBSGK: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     slot: jax.Array
     start_B: jax.Array
-    layer: jax.Array | int = 0  # a Python int in the layer loop, traced under scan
+    layer: int = 0
 
     def write(self, k_BTGK: jax.Array, v_BTGK: jax.Array) -> KVCache:
-        def put(buf, new):
-            at = (self.layer, 0, self.slot, 0, 0)
-            return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), at)
+        def put(bufs, new):  # new: [B, T, G, K]
+            buf = bufs[self.layer]
+            new_BGTK = new.transpose(0, 2, 1, 3).astype(buf.dtype)
+            buf = jax.lax.dynamic_update_slice(buf, new_BGTK, (0, 0, self.slot, 0))
+            return (*bufs[: self.layer], buf, *bufs[self.layer + 1 :])
 
-        return self._replace(k_LBSGK=put(self.k_LBSGK, k_BTGK), v_LBSGK=put(self.v_LBSGK, v_BTGK))
+        return self._replace(k=put(self.k, k_BTGK), v=put(self.v, v_BTGK))
 
     def layer_kv(self) -> tuple[jax.Array, jax.Array]:
-        take = lambda buf: jax.lax.dynamic_index_in_dim(buf, self.layer, 0, keepdims=False)
-        return take(self.k_LBSGK), take(self.v_LBSGK)
+        return self.k[self.layer], self.v[self.layer]
 
 
 def init_cache(cfg: Config, batch: int, slots: int, start_B: jax.Array) -> KVCache:
     """An empty cache of ``slots`` positions per row, in the compute dtype."""
-    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
-    zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-    axes = ("layers", "batch", "seq", "kv_heads", "head_dim")
-    zeros = meshlib.constrain(zeros, axes)
-    return KVCache(zeros, zeros, jnp.int32(0), start_B.astype(jnp.int32))
+    shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
+    axes = ("batch", "kv_heads", "seq", "head_dim")
+    empty = lambda: meshlib.constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), axes)
+    L = cfg.num_layers
+    return KVCache(
+        tuple(empty() for _ in range(L)),
+        tuple(empty() for _ in range(L)),
+        jnp.int32(0),
+        start_B.astype(jnp.int32),
+    )
 
 
 class SwiGLU(nnx.Module):
@@ -393,11 +404,11 @@ class Transformer(nnx.Module):
         return self.logits(x_BTD)
 
     def decode(
-        self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache
+        self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache, layers=None
     ) -> tuple[jax.Array, KVCache]:
         """Runs T new tokens against the cache: logits of the last one [B, V], new cache."""
         x_BTD, cache = _run_blocks(
-            self.blocks, self.embed(tokens_BT), positions_BT, self.cfg, cache
+            self.blocks, self.embed(tokens_BT), positions_BT, self.cfg, cache, layers
         )
         return self.logits(x_BTD[:, -1:])[:, 0], cache
 
@@ -414,11 +425,14 @@ class Transformer(nnx.Module):
         return dense(x_BTD, head_DV).astype(jnp.float32)
 
 
-def _run_blocks(blocks: Block, x_BTD, positions_BT, cfg: Config, cache: KVCache | None = None):
+def _run_blocks(
+    blocks: Block, x_BTD, positions_BT, cfg: Config, cache: KVCache | None = None, layers=None
+):
     """Applies the L stacked blocks by lax.scan or by a Python loop (same numbers).
 
-    With a cache, layer i reads and writes its slice of the one cache buffer,
-    which rides along as loop state so XLA can update it in place.
+    Decoding (with a cache) always unrolls the layers: layer i reads and writes
+    its own cache buffers. ``layers`` (from ``layer_states``) replaces slicing
+    the stacked parameters here.
     """
     graphdef, stacked = nnx.split(blocks)
 
@@ -429,21 +443,12 @@ def _run_blocks(blocks: Block, x_BTD, positions_BT, cfg: Config, cache: KVCache 
         # Under scan, CSE across iterations cannot happen, so its guard is dropped.
         policy = REMAT_POLICIES[cfg.remat_policy]
         apply = jax.checkpoint(apply, policy=policy, prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-
-        def body(carry, layer):
-            i, layer_state = layer
-            x, cache = carry
-            if cache is None:
-                return (apply(x, layer_state, None)[0], None), None
-            x, new_cache = apply(x, layer_state, cache._replace(layer=i))
-            return (x, new_cache._replace(layer=cache.layer)), None  # carry types stay fixed
-
-        layers = (jnp.arange(cfg.num_layers), stacked)
-        (x_BTD, cache), _ = jax.lax.scan(body, (x_BTD, cache), layers)
-        return x_BTD, cache
-    for i in range(cfg.num_layers):
-        layer_state = jax.tree.map(lambda a, i=i: a[i], stacked)
+    if cfg.scan_layers and cache is None:
+        body = lambda x, layer_state: (apply(x, layer_state, None)[0], None)
+        return jax.lax.scan(body, x_BTD, stacked)[0], None
+    if layers is None:
+        layers = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.num_layers)]
+    for i, layer_state in enumerate(layers):
         x_BTD, cache = apply(x_BTD, layer_state, None if cache is None else cache._replace(layer=i))
     return x_BTD, cache
 
@@ -499,11 +504,28 @@ def forward(cfg: Config, params: Params, tokens_BT: jax.Array, positions_BT=None
     return model(cfg, params)(tokens_BT, positions_BT)
 
 
+def layer_states(cfg: Config, params: Params) -> list:
+    """Each block's parameters cut out of the stacked arrays, for ``decode``'s ``layers``.
+
+    XLA:CPU copies a slice of a stacked weight before multiplying by it. Per
+    decoding step that copy of every weight costs more than the matmuls
+    (cpu-small, batch 1: 13 ms against 2 ms), so a decoding loop cuts the
+    layers once, outside the loop, and passes them in.
+    """
+    _, stacked = nnx.split(model(cfg, params).blocks)
+    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.num_layers)]
+
+
 def decode(
-    cfg: Config, params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache
+    cfg: Config,
+    params: Params,
+    tokens_BT: jax.Array,
+    positions_BT: jax.Array,
+    cache: KVCache,
+    layers: list | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Feeds T new tokens (written at ``cache.slot``): float32 logits of the last [B, V]."""
-    return model(cfg, params).decode(tokens_BT, positions_BT, cache)
+    return model(cfg, params).decode(tokens_BT, positions_BT, cache, layers)
 
 
 def token_nll(cfg: Config, params: Params, tokens_BT1: jax.Array) -> jax.Array:

@@ -71,23 +71,56 @@ class Generation:
 # ----------------------------------------------------------------------------- sampling
 
 
-def truncate_logits(logits_BV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Sets every logit outside the top-k / top-p (nucleus) set to -inf.
+def _ordered_bits(x: jax.Array) -> jax.Array:
+    """uint32 keys with the order of the float32 values (the radix-sort trick)."""
+    u = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(u >> 31 == 1, ~u, u | jnp.uint32(0x80000000))
 
-    Exact for distinct logits; a logit tied with the smallest kept one is kept too.
+
+def _largest_threshold(keys_BV: jax.Array, weights_BV: jax.Array, target_B: jax.Array):
+    """Per row, the largest key t with sum(weights where keys >= t) >= target.
+
+    Bisection over the 2^32 keys: 32 passes over the vocabulary, exact. A full
+    sort costs XLA:CPU several times more (12 ms a step at batch 16, V 4096).
+    Assumes the smallest key of each row already meets the target.
     """
-    V = logits_BV.shape[-1]
-    sorted_BV = -jnp.sort(-logits_BV, axis=-1)  # descending
-    rank_V = jnp.arange(V)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    in_top_k_BV = rank_V < k
-    probs_BV = jax.nn.softmax(jnp.where(in_top_k_BV, sorted_BV, -jnp.inf), axis=-1)
-    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-    # The most likely token is always kept, whatever top_p.
-    keep_BV = in_top_k_BV & ((mass_before_BV < top_p) | (rank_V == 0))
-    num_kept_B = jnp.sum(keep_BV, axis=-1)
-    threshold_B = jnp.take_along_axis(sorted_BV, (num_kept_B - 1)[:, None], axis=-1)
-    return jnp.where(logits_BV >= threshold_B, logits_BV, -jnp.inf)
+
+    def halve(_, bounds):
+        lo_B, hi_B = bounds
+        gap_B = hi_B - lo_B
+        mid_B = lo_B + (gap_B >> 1) + (gap_B & 1)  # ceil((lo + hi) / 2) without overflow
+        mass_B = jnp.sum(jnp.where(keys_BV >= mid_B[:, None], weights_BV, 0), axis=-1)
+        ok_B = (mass_B >= target_B) & (gap_B > 0)
+        return jnp.where(ok_B, mid_B, lo_B), jnp.where(ok_B | (gap_B == 0), hi_B, mid_B - 1)
+
+    bounds = (jnp.min(keys_BV, axis=-1), jnp.max(keys_BV, axis=-1))
+    return jax.lax.fori_loop(0, 32, halve, bounds)[0]
+
+
+def truncate_logits(logits_BV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Sets every logit outside the top-k, then the top-p (nucleus), set to -inf.
+
+    Top-k keeps the logits >= the k-th largest; top-p then keeps the most
+    likely tokens until their probability reaches top_p (at least one token).
+    Exact for distinct logits; a logit tied with the smallest kept one is kept.
+    """
+    B, V = logits_BV.shape
+    k_B = jnp.broadcast_to(jnp.where(top_k > 0, jnp.minimum(top_k, V), V), (B,))
+
+    def top_k_only(logits_BV):
+        keys_BV = _ordered_bits(logits_BV)
+        kth_B = _largest_threshold(keys_BV, jnp.ones_like(logits_BV, jnp.int32), k_B)
+        return jnp.where(keys_BV >= kth_B[:, None], logits_BV, -jnp.inf)
+
+    logits_BV = jax.lax.cond(top_k > 0, top_k_only, lambda x: x, logits_BV)
+    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+    p_keys_BV = _ordered_bits(probs_BV)
+    top_p_B = jnp.broadcast_to(top_p, (B,)).astype(jnp.float32)
+    # The most likely token alone may exceed the target: never cut above it.
+    nucleus_B = jnp.minimum(
+        _largest_threshold(p_keys_BV, probs_BV, top_p_B), jnp.max(p_keys_BV, axis=-1)
+    )
+    return jnp.where(p_keys_BV >= nucleus_B[:, None], logits_BV, -jnp.inf)
 
 
 def sample_logits(
@@ -152,7 +185,8 @@ def _generate(
     keys_B = jax.vmap(jax.random.key)(seeds_B)
     cache = transformer.init_cache(cfg, B, P + N, start_B)
     positions_BP = jnp.maximum(jnp.arange(P)[None] - start_B[:, None], 0)
-    logits_BV, cache = transformer.decode(cfg, params, prompt_BP, positions_BP, cache)
+    layers = transformer.layer_states(cfg, params)  # sliced once, not at every step
+    logits_BV, cache = transformer.decode(cfg, params, prompt_BP, positions_BP, cache, layers)
 
     def cond(carry):
         step, _, _, _, done_B, _, _ = carry
@@ -174,7 +208,7 @@ def _generate(
         positions_B1 = (P + step - start_B)[:, None]
         cache = cache._replace(slot=P + step)
         logits_BV, cache = transformer.decode(
-            cfg, params, jnp.maximum(token_B, 0)[:, None], positions_B1, cache
+            cfg, params, jnp.maximum(token_B, 0)[:, None], positions_B1, cache, layers
         )
         return step + 1, logits_BV, cache, out_BN, done_B, window_BM, all_logits
 
