@@ -140,7 +140,9 @@ def run_genjax(spec: dict) -> dict:
     from genjax.sampling import decode
 
     cfg = transformer.get_preset(spec["preset"])
-    params = transformer.init(cfg, jax.random.key(0))
+    # The decoder keeps its own per-layer copy of the weights; the stacked
+    # training layout is not kept alongside (HF too holds one copy).
+    decoder = decode.Decoder(cfg, transformer.init(cfg, jax.random.key(0)))
 
     def make_call(prompts_BP: np.ndarray, strategy: str):
         prompts = prompts_BP.tolist()
@@ -153,8 +155,8 @@ def run_genjax(spec: dict) -> dict:
                 if step == 0:
                     first.append(time.perf_counter())
 
-            gen = decode.generate(
-                cfg, params, prompts, max_new_tokens=spec["new_tokens"], sampling=sampling,
+            gen = decoder.generate(
+                prompts, max_new_tokens=spec["new_tokens"], sampling=sampling,
                 seed=0, eos_id=None, on_token=on_token if stream else None,
             )  # fmt: skip
             return np.asarray(gen.tokens), (first[0] if first else None)
@@ -374,7 +376,7 @@ def main(argv=None) -> None:
         f"after a first call; {args.threads} threads; compile = first call − median call "
         "(≈ 0, or slightly negative from noise, where a row reuses an earlier row's program)",
         "HF: LlamaForCausalLM.generate (SDPA attention, dynamic KV cache) under "
-        "torch.inference_mode(); genjax: genjax.sampling.decode.generate",
+        "torch.inference_mode(); genjax: genjax.sampling.decode.Decoder.generate",
     ]
     if not all(r["peak_reset"] for r in results.values()):
         header.append("VmHWM could not be reset: each row's peak RSS includes the rows before it")

@@ -243,9 +243,9 @@ class Attention(nnx.Module):
             )
         else:
             cache = cache.write(k_BTGK, v_BTGK)
-            k_BGSK, v_BGSK = cache.layer_kv()
+            k_BGKS, v_BGSK = cache.layer_kv()
             query_slots_T = cache.slot + jnp.arange(x_BTD.shape[1])
-            out_BTNK = cached_attention(q_BTNK, k_BGSK, v_BGSK, query_slots_T, cache.start_B)
+            out_BTNK = cached_attention(q_BTNK, k_BGKS, v_BGSK, query_slots_T, cache.start_B)
         return dense(out_BTNK, self.wo_NKD[...], in_dims=2), cache
 
 
@@ -281,21 +281,21 @@ def causal_attention(q_BTNK, k_BSGK, v_BSGK, positions_BT, *, block: int) -> jax
     return jnp.concatenate(outs, axis=1).reshape(B, T, N, K)
 
 
-def cached_attention(q_BTNK, k_BGSK, v_BGSK, query_slots_T, key_start_B) -> jax.Array:
+def cached_attention(q_BTNK, k_BGKS, v_BGSK, query_slots_T, key_start_B) -> jax.Array:
     """Attention of T new queries over S cache slots.
 
     Row b's sequence occupies slots ``key_start_B[b]`` onwards (prompts are
     left-padded), and query t sits at slot ``query_slots_T[t]``: it sees the
     slots in between. Masked slots get probability exactly 0, so the result
-    equals attention over the unpadded sequence. The cache is laid out
-    [B, G, S, K] so that both products are batched over (B, G) without
-    transposing it (in [B, S, G, K], XLA:CPU transposed the whole cache at
-    every step).
+    equals attention over the unpadded sequence. The cache is laid out as the
+    two products read it, batched over (B, G) with the contracted axis in
+    place: keys [B, G, K, S], values [B, G, S, K]. (Stored [B, S, G, K], or
+    keys [B, G, S, K], XLA:CPU transposed the whole cache at every step.)
     """
     B, T, N, K = q_BTNK.shape
-    G, S = k_BGSK.shape[1], k_BGSK.shape[2]
+    G, S = k_BGKS.shape[1], k_BGKS.shape[3]
     q_BGRTK = q_BTNK.reshape(B, T, G, N // G, K).transpose(0, 2, 3, 1, 4) * (K**-0.5)
-    scores_BGRTS = jnp.einsum("BGRTK,BGSK->BGRTS", q_BGRTK, k_BGSK)
+    scores_BGRTS = jnp.einsum("BGRTK,BGKS->BGRTS", q_BGRTK, k_BGKS)
     slots_S = jnp.arange(S)
     visible_BTS = (slots_S <= query_slots_T[:, None])[None] & (
         slots_S >= key_start_B[:, None, None]
@@ -309,7 +309,8 @@ def cached_attention(q_BTNK, k_BGSK, v_BGSK, query_slots_T, key_start_B) -> jax.
 class KVCache(NamedTuple):
     """Keys and values of every layer for S slots, and where this call writes.
 
-    One buffer per layer (``k[i]`` is [B, G, S, K]): each is updated in place
+    One buffer per layer (``k[i]`` is [B, G, K, S], ``v[i]`` [B, G, S, K]; see
+    ``cached_attention``): each is updated in place
     inside the decoding loop and read without copying, which a slice of one
     stacked [L, ...] buffer would cost (XLA:CPU copies such slices: at batch
     16 those copies took three quarters of a cpu-small decoding step).
@@ -325,13 +326,19 @@ class KVCache(NamedTuple):
     layer: int = 0
 
     def write(self, k_BTGK: jax.Array, v_BTGK: jax.Array) -> KVCache:
-        def put(bufs, new):  # new: [B, T, G, K]
+        def put(bufs, new, order, at):
             buf = bufs[self.layer]
-            new_BGTK = new.transpose(0, 2, 1, 3).astype(buf.dtype)
-            buf = jax.lax.dynamic_update_slice(buf, new_BGTK, (0, 0, self.slot, 0))
+            buf = jax.lax.dynamic_update_slice(buf, new.transpose(order).astype(buf.dtype), at)
+            # One updated buffer for attention and the loop state alike: without
+            # the barrier XLA fuses the update into each consumer, and each
+            # fused copy needs a fresh copy of the whole cache every step.
+            buf = jax.lax.optimization_barrier(buf)
             return (*bufs[: self.layer], buf, *bufs[self.layer + 1 :])
 
-        return self._replace(k=put(self.k, k_BTGK), v=put(self.v, v_BTGK))
+        return self._replace(
+            k=put(self.k, k_BTGK, (0, 2, 3, 1), (0, 0, 0, self.slot)),  # to [B, G, K, T]
+            v=put(self.v, v_BTGK, (0, 2, 1, 3), (0, 0, self.slot, 0)),  # to [B, G, T, K]
+        )
 
     def layer_kv(self) -> tuple[jax.Array, jax.Array]:
         return self.k[self.layer], self.v[self.layer]
@@ -339,13 +346,19 @@ class KVCache(NamedTuple):
 
 def init_cache(cfg: Config, batch: int, slots: int, start_B: jax.Array) -> KVCache:
     """An empty cache of ``slots`` positions per row, in the compute dtype."""
-    shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
-    axes = ("batch", "kv_heads", "seq", "head_dim")
-    empty = lambda: meshlib.constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), axes)
+    G, K, dtype = cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype)
+
+    def empty(shape, axes):
+        return meshlib.constrain(jnp.zeros(shape, dtype), axes)
+
     L = cfg.num_layers
     return KVCache(
-        tuple(empty() for _ in range(L)),
-        tuple(empty() for _ in range(L)),
+        tuple(
+            empty((batch, G, K, slots), ("batch", "kv_heads", "head_dim", "seq")) for _ in range(L)
+        ),
+        tuple(
+            empty((batch, G, slots, K), ("batch", "kv_heads", "seq", "head_dim")) for _ in range(L)
+        ),
         jnp.int32(0),
         start_B.astype(jnp.int32),
     )
@@ -431,8 +444,8 @@ def _run_blocks(
     """Applies the L stacked blocks by lax.scan or by a Python loop (same numbers).
 
     Decoding (with a cache) always unrolls the layers: layer i reads and writes
-    its own cache buffers. ``layers`` (from ``layer_states``) replaces slicing
-    the stacked parameters here.
+    its own cache buffers. ``layers`` (per-layer states, see ``split_layers``)
+    replaces slicing the stacked parameters here.
     """
     graphdef, stacked = nnx.split(blocks)
 
@@ -504,28 +517,42 @@ def forward(cfg: Config, params: Params, tokens_BT: jax.Array, positions_BT=None
     return model(cfg, params)(tokens_BT, positions_BT)
 
 
-def layer_states(cfg: Config, params: Params) -> list:
-    """Each block's parameters cut out of the stacked arrays, for ``decode``'s ``layers``.
+def split_layers(params: Params) -> Params:
+    """The parameters with ``blocks`` as a list of per-layer dicts: the layout
+    ``decode`` takes.
 
-    XLA:CPU copies a slice of a stacked weight before multiplying by it. Per
-    decoding step that copy of every weight costs more than the matmuls
-    (cpu-small, batch 1: 13 ms against 2 ms), so a decoding loop cuts the
-    layers once, outside the loop, and passes them in.
+    XLA:CPU copies a slice of a stacked weight before multiplying by it; per
+    decoding step those copies cost more than the matmuls (cpu-small, batch 1:
+    13 ms against 2 ms). Split once, decode many times (``sampling.Decoder``).
     """
-    _, stacked = nnx.split(model(cfg, params).blocks)
-    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.num_layers)]
+    blocks = params["blocks"]
+    num_layers = jax.tree.leaves(blocks)[0].shape[0]
+    layers = [jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(num_layers)]
+    return {**params, "blocks": layers}
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_block(cfg: Config):
+    return nnx.split(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))[1]
+
+
+def _block_state(cfg: Config, layer: Params):
+    state = jax.tree.map(lambda x: x, _abstract_block(cfg))
+    nnx.replace_by_pure_dict(state, layer)
+    return state
 
 
 def decode(
-    cfg: Config,
-    params: Params,
-    tokens_BT: jax.Array,
-    positions_BT: jax.Array,
-    cache: KVCache,
-    layers: list | None = None,
+    cfg: Config, params: Params, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache
 ) -> tuple[jax.Array, KVCache]:
-    """Feeds T new tokens (written at ``cache.slot``): float32 logits of the last [B, V]."""
-    return model(cfg, params).decode(tokens_BT, positions_BT, cache, layers)
+    """Feeds T new tokens (written at ``cache.slot``): float32 logits of the last [B, V].
+
+    ``params`` in the ``split_layers`` layout.
+    """
+    shared = {k: v for k, v in params.items() if k != "blocks"}
+    layers = [_block_state(cfg, layer) for layer in params["blocks"]]
+    # The stacked blocks stay abstract in the bound model: decoding runs `layers`.
+    return model(cfg, shared).decode(tokens_BT, positions_BT, cache, layers)
 
 
 def token_nll(cfg: Config, params: Params, tokens_BT1: jax.Array) -> jax.Array:

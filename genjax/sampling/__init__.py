@@ -1,6 +1,6 @@
 """Language-model decoding: token ids (``decode``) and text (``text``)."""
 
-from genjax.sampling.decode import Generation, SamplingParams, generate
+from genjax.sampling.decode import Decoder, Generation, SamplingParams, generate
 from genjax.sampling.text import generate_text
 
-__all__ = ["Generation", "SamplingParams", "generate", "generate_text"]
+__all__ = ["Decoder", "Generation", "SamplingParams", "generate", "generate_text"]
