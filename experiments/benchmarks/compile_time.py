@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import os
 import pathlib
 import platform
 import subprocess
@@ -105,18 +103,11 @@ def main(argv=None) -> None:
     ]
     print("\n".join(lines))
     if args.results:
-        command = "python " + " ".join([os.path.relpath(__file__), *(argv or sys.argv[1:])])
-        section = [
-            "",
-            f"## Compile time against depth — {datetime.date.today().isoformat()}",
-            "",
-            f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            f"- versions: python {platform.python_version()}, jax {jax.__version__}",
-            f"- command: `{command}`",
-            "",
-            *lines,
-            "",
-        ]
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+        from lm_train_speed import results_section
+
+        versions = {"python": platform.python_version(), "jax": jax.__version__}
+        section = results_section("Compile time against depth", __file__, argv, versions, [], lines)
         with args.results.open("a") as f:
             f.write("\n".join(section))
 

@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import pathlib
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -52,7 +50,7 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from lm_train_speed import cpu_name, peak_rss_mb  # noqa: E402  (house helpers, same folder)
+from lm_train_speed import peak_rss_mb, results_section  # noqa: E402  (same folder)
 
 SIDES = ("genjax", "hf")
 # Sampling settings per strategy, in genjax's terms (temperature 0 = greedy; top_k 0 = off).
@@ -380,19 +378,9 @@ def main(argv=None) -> None:
     ]
     if not all(r["peak_reset"] for r in results.values()):
         header.append("VmHWM could not be reset: each row's peak RSS includes the rows before it")
-    command = "python " + shlex.join([os.path.relpath(__file__), *(argv or sys.argv[1:])])
-    section = [
-        "",
-        f"## LM decoding throughput — {datetime.date.today().isoformat()}",
-        "",
-        f"- machine: {cpu_name()}, {os.cpu_count()} cores, {platform.machine()}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        f"- command: `{command}`",
-        *(f"- {h}" for h in header),
-        "",
-        *tables(results),
-        "",
-    ]
+    section = results_section(
+        "LM decoding throughput", __file__, argv, versions, header, tables(results)
+    )
     print("\n".join(section))
     if args.results:
         with args.results.open("a") as f:

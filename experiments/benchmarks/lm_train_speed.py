@@ -302,6 +302,25 @@ def table(results: dict[str, dict], flops_tok: int, peak_gflops: float) -> list[
     return rows
 
 
+def results_section(
+    title: str, script: str, argv, versions: dict, header: list[str], lines: list[str]
+) -> list[str]:
+    """A dated RESULTS.md section: machine, versions, the exact command, notes, tables."""
+    command = "python " + shlex.join([os.path.relpath(script), *(argv or sys.argv[1:])])
+    return [
+        "",
+        f"## {title} — {datetime.date.today().isoformat()}",
+        "",
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores, {platform.machine()}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"- command: `{command}`",
+        *(f"- {h}" for h in header),
+        "",
+        *lines,
+        "",
+    ]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cpu-small", help="genjax transformer preset")
@@ -383,19 +402,7 @@ def main(argv=None) -> None:
     print("\n".join([*header, "", *lines]))
 
     if args.results:
-        command = "python " + shlex.join([os.path.relpath(__file__), *(argv or sys.argv[1:])])
-        section = [
-            "",
-            f"## LM training throughput — {datetime.date.today().isoformat()}",
-            "",
-            f"- machine: {cpu_name()}, {os.cpu_count()} cores, {platform.machine()}",
-            "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-            f"- command: `{command}`",
-            *(f"- {h}" for h in header),
-            "",
-            *lines,
-            "",
-        ]
+        section = results_section("LM training throughput", __file__, argv, versions, header, lines)
         with args.results.open("a") as f:
             f.write("\n".join(section))
         print(f"appended to {args.results}")
