@@ -194,9 +194,16 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
 
 
 def test_corpus_of_one_module_needs_no_validation(tmp_path, corpus):
-    proc = _run(tmp_path / "w", corpus / "json" / "decoder.py", check=False)
+    one_module = corpus / "json" / "decoder.py"
+    proc = _run(tmp_path / "w", one_module, check=False)
     assert proc.returncode != 0
     assert "data.val_fraction=0" in proc.stderr
+    # As the message says: no validation split, and the run ends with a sample.
+    settings = COMMON[COMMON.index("--set") + 1 :]
+    extra = ["--steps", "2", "--sample-tokens", "8", "--set", *settings, "data.val_fraction=0"]
+    proc = _run(tmp_path / "w2", one_module, *extra)
+    assert "validation bits/byte" not in proc.stdout
+    assert "sample (greedy):\ndef fibonacci(n):\n" in proc.stdout
 
 
 @pytest.mark.parametrize(
