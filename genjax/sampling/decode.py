@@ -1,9 +1,12 @@
 """Language-model decoding: prefill, then a KV-cached sampling loop in one jit.
 
-    gen = decode.generate(cfg, params, [[2, 17, 5], [2, 9]], max_new_tokens=64,
-                          sampling=decode.SamplingParams(temperature=0.8, top_p=0.95),
-                          seed=0, eos_id=2)
+    decoder = decode.Decoder(cfg, params)  # weights laid out for decoding, once
+    gen = decoder.generate([[2, 17, 5], [2, 9]], max_new_tokens=64,
+                           sampling=decode.SamplingParams(temperature=0.8, top_p=0.95),
+                           seed=0, eos_id=2)
     gen.tokens  # new tokens of each prompt, cut at the end-of-sequence token
+
+``decode.generate(cfg, params, prompts, ...)`` does both in one call.
 
 Prompts of different lengths are left-padded to a common length P (rounded up
 to a power of two, so new prompt texts rarely change a shape) and every row
