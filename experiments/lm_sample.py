@@ -51,7 +51,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         return [args.prompt]
     if not args.prompts_file.is_file():
         raise ValueError(f"--prompts-file {args.prompts_file} does not exist")
-    lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read --prompts-file {args.prompts_file}: {e}") from None
     prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"--prompts-file {args.prompts_file} has no non-empty line")

@@ -100,6 +100,14 @@ def test_cli_bad_input_is_a_clear_error(run, capsys, extra, match):
     assert re.search(match, capsys.readouterr().err)
 
 
+def test_cli_prompts_file_not_utf8(run, tmp_path, capsys):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"def f():\xff\n")
+    code = _sample_script().main(["--workdir", str(run[0]), "--prompts-file", str(bad)])
+    assert code == 2
+    assert "cannot read --prompts-file" in capsys.readouterr().err
+
+
 def test_cli_without_checkpoint(tmp_path, capsys):
     code = _sample_script().main(["--workdir", str(tmp_path), "--prompt", "x"])
     assert code == 2

@@ -329,10 +329,6 @@ class KVCache(NamedTuple):
         def put(bufs, new, order, at):
             buf = bufs[self.layer]
             buf = jax.lax.dynamic_update_slice(buf, new.transpose(order).astype(buf.dtype), at)
-            # One updated buffer for attention and the loop state alike: without
-            # the barrier XLA fuses the update into each consumer, and each
-            # fused copy needs a fresh copy of the whole cache every step.
-            buf = jax.lax.optimization_barrier(buf)
             return (*bufs[: self.layer], buf, *bufs[self.layer + 1 :])
 
         return self._replace(
@@ -417,13 +413,15 @@ class Transformer(nnx.Module):
         return self.logits(x_BTD)
 
     def decode(
-        self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache, layers=None
+        self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache, layers, head_DV
     ) -> tuple[jax.Array, KVCache]:
-        """Runs T new tokens against the cache: logits of the last one [B, V], new cache."""
+        """Runs T new tokens against the cache: logits of the last one [B, V], new cache.
+
+        ``layers`` and ``head_DV`` come from ``split_layers``."""
         x_BTD, cache = _run_blocks(
             self.blocks, self.embed(tokens_BT), positions_BT, self.cfg, cache, layers
         )
-        return self.logits(x_BTD[:, -1:])[:, 0], cache
+        return self.logits(x_BTD[:, -1:], head_DV)[:, 0], cache
 
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
         # Gather from the table replicated: a lookup into a (vocab, embed)-sharded
@@ -432,9 +430,10 @@ class Transformer(nnx.Module):
         x_BTD = table_VD.astype(jnp.dtype(self.cfg.dtype))[tokens_BT]
         return meshlib.constrain(x_BTD, ("batch", "seq", "act_embed"))
 
-    def logits(self, x_BTD: jax.Array) -> jax.Array:
+    def logits(self, x_BTD: jax.Array, head_DV: jax.Array | None = None) -> jax.Array:
         x_BTD = self.final_norm(x_BTD)
-        head_DV = self.embed_VD[...].T if self.cfg.tie_embeddings else self.lm_head_DV[...]
+        if head_DV is None:
+            head_DV = self.embed_VD[...].T if self.cfg.tie_embeddings else self.lm_head_DV[...]
         return dense(x_BTD, head_DV).astype(jnp.float32)
 
 
@@ -518,17 +517,20 @@ def forward(cfg: Config, params: Params, tokens_BT: jax.Array, positions_BT=None
 
 
 def split_layers(params: Params) -> Params:
-    """The parameters with ``blocks`` as a list of per-layer dicts: the layout
-    ``decode`` takes.
+    """The parameters in the layout ``decode`` takes: ``blocks`` as a list of
+    per-layer dicts, and ``head_DV``, the output projection as a [D, V] matrix.
 
     XLA:CPU copies a slice of a stacked weight before multiplying by it; per
     decoding step those copies cost more than the matmuls (cpu-small, batch 1:
-    13 ms against 2 ms). Split once, decode many times (``sampling.Decoder``).
+    13 ms against 2 ms). Likewise it transposes a tied embedding for the head
+    at every step. Done once here, under jit, these are real arrays; split
+    once, decode many times (``sampling.Decoder``).
     """
     blocks = params["blocks"]
     num_layers = jax.tree.leaves(blocks)[0].shape[0]
     layers = [jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(num_layers)]
-    return {**params, "blocks": layers}
+    head_DV = params["lm_head_DV"] if "lm_head_DV" in params else params["embed_VD"].T
+    return {**params, "blocks": layers, "head_DV": head_DV}
 
 
 @functools.lru_cache(maxsize=32)
@@ -549,10 +551,10 @@ def decode(
 
     ``params`` in the ``split_layers`` layout.
     """
-    shared = {k: v for k, v in params.items() if k != "blocks"}
+    shared = {k: v for k, v in params.items() if k not in ("blocks", "head_DV")}
     layers = [_block_state(cfg, layer) for layer in params["blocks"]]
     # The stacked blocks stay abstract in the bound model: decoding runs `layers`.
-    return model(cfg, shared).decode(tokens_BT, positions_BT, cache, layers)
+    return model(cfg, shared).decode(tokens_BT, positions_BT, cache, layers, params["head_DV"])
 
 
 def token_nll(cfg: Config, params: Params, tokens_BT1: jax.Array) -> jax.Array:

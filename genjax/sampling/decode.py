@@ -137,8 +137,7 @@ def sample_logits(
 
     def sample():
         scaled_BV = logits_BV / temperature
-        # Sorting the vocabulary costs more than a decode step's matmuls at
-        # batch 1 on a CPU, so it only happens when truncation is on.
+        # Truncation (64 passes over the vocabulary) only runs when it is on.
         scaled_BV = jax.lax.cond(
             (top_k > 0) | (top_p < 1.0),
             lambda x: truncate_logits(x, top_k, top_p),
