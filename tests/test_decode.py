@@ -58,6 +58,51 @@ def test_cached_logits_equal_full_recomputation_at_every_step(params, scan_layer
         np.testing.assert_allclose(gen.logits[b], ref, atol=LOGIT_ATOL, rtol=0)
 
 
+def test_blocked_cache_equals_full_recomputation_and_one_block(params):
+    # 16 prompt slots + 10 new in blocks of 4: the prefill writes across four
+    # blocks, and each step reads the 5th..7th block only once it is reached.
+    assert transformer.cache_block_sizes(16 + NEW, 4) == [4] * 6 + [2]
+    sampling = decode.SamplingParams(temperature=1.0, top_p=0.9)
+    kw = dict(max_new_tokens=NEW, sampling=sampling, seed=3, return_logits=True)
+    blocked = decode.generate(CFG, params, PROMPTS, cache_block=4, **kw)
+    single = decode.generate(CFG, params, PROMPTS, cache_block=None, **kw)
+    assert blocked.tokens == single.tokens
+    for b, prompt in enumerate(PROMPTS):
+        ref = full_forward_logits(CFG, params, prompt, blocked.tokens[b])
+        np.testing.assert_allclose(blocked.logits[b], ref, atol=LOGIT_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "slots,block,sizes",
+    [(256, 64, [64] * 4), (256, 16, [32] * 8), (26, 4, [4] * 6 + [2]), (100, None, [100]),
+     (50, 64, [50]), (65, 64, [64, 1])],
+)  # fmt: skip
+def test_cache_block_sizes(slots, block, sizes):
+    assert transformer.cache_block_sizes(slots, block) == sizes
+
+
+def test_write_window_writes_exactly_the_overlap():
+    rng = np.random.default_rng(0)
+    for n, T in [(8, 1), (8, 3), (4, 10), (5, 5)]:
+        buf = rng.standard_normal((2, n))
+        new = rng.standard_normal((2, T))
+        for offset in range(-T - 1, n + 2):
+            want = buf.copy()
+            for t in range(T):
+                if 0 <= offset + t < n:
+                    want[:, offset + t] = new[:, t]
+            got = transformer._write_window(jnp.asarray(buf), jnp.asarray(new), offset, axis=1)
+            np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+
+
+def test_auto_cache_block_blocks_only_large_caches_on_cpu():
+    small = transformer.get_preset("cpu-small")
+    assert decode.auto_cache_block(small, 16, 256) == 128  # 75 MB of keys and values
+    assert decode.auto_cache_block(small, 2, 256) is None  # 9 MB
+    with pytest.raises(ValueError, match="cache_block"):
+        decode.Decoder(CFG, {}, cache_block=0)
+
+
 def test_greedy_equals_argmax_loop_over_full_forwards(params):
     prompt, num_new = PROMPTS[0], NEW
     gen = decode.generate(CFG, params, [prompt], max_new_tokens=num_new)
@@ -193,7 +238,8 @@ def test_streaming_delivers_every_token_in_order(params):
         assert streamed[: len(gen.tokens[b])] == gen.tokens[b]
 
 
-def test_sharded_decoding_equals_one_device(params):
+@pytest.mark.parametrize("cache_block", [None, 4], ids=["one_block", "blocks_of_4"])
+def test_sharded_decoding_equals_one_device(params, cache_block):
     mesh = meshlib.make_mesh("fsdp=4,tensor=2")
     shardings = meshlib.tree_shardings(transformer.param_axes(CFG), params, mesh)
     sharded = jax.device_put(params, shardings)
@@ -201,7 +247,9 @@ def test_sharded_decoding_equals_one_device(params):
     assert wq.sharding.shard_shape(wq.shape) == (CFG.num_layers, CFG.d_model // 4, 2, 16)
     prompts = [*PROMPTS, [2, 8]]  # 4 rows: one per fsdp shard of the batch
     sampling = decode.SamplingParams(temperature=1.0, top_k=40)
-    kw = dict(max_new_tokens=NEW, sampling=sampling, seed=5, return_logits=True)
+    kw = dict(
+        max_new_tokens=NEW, sampling=sampling, seed=5, return_logits=True, cache_block=cache_block
+    )
     one = decode.generate(CFG, params, prompts, **kw)
     many = decode.generate(CFG, sharded, prompts, mesh=mesh, **kw)
     assert many.tokens == one.tokens

@@ -48,7 +48,13 @@ def compile_seconds(kind: str, num_layers: int) -> float:
         args += (np.int32(0), np.float32(1), np.int32(-1), np.full((4, 8), -1, np.int32))
         t0 = time.perf_counter()
         decode._generate.lower(
-            cfg, params, *args, max_new_tokens=32, stream=False, return_logits=False
+            cfg,
+            params,
+            *args,
+            max_new_tokens=32,
+            stream=False,
+            return_logits=False,
+            cache_block=None,
         ).compile()
         return time.perf_counter() - t0
     mesh = meshlib.make_mesh("data=1", devices=jax.devices()[:1])

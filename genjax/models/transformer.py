@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -243,9 +244,11 @@ class Attention(nnx.Module):
             )
         else:
             cache = cache.write(k_BTGK, v_BTGK)
-            k_BGKS, v_BGSK = cache.layer_kv()
+            k_blocks, v_blocks = cache.layer_kv()
             query_slots_T = cache.slot + jnp.arange(x_BTD.shape[1])
-            out_BTNK = cached_attention(q_BTNK, k_BGKS, v_BGSK, query_slots_T, cache.start_B)
+            out_BTNK = cached_attention(
+                q_BTNK, k_blocks, v_blocks, query_slots_T, cache.start_B, cache.block_starts()
+            )
         return dense(out_BTNK, self.wo_NKD[...], in_dims=2), cache
 
 
@@ -281,80 +284,168 @@ def causal_attention(q_BTNK, k_BSGK, v_BSGK, positions_BT, *, block: int) -> jax
     return jnp.concatenate(outs, axis=1).reshape(B, T, N, K)
 
 
-def cached_attention(q_BTNK, k_BGKS, v_BGSK, query_slots_T, key_start_B) -> jax.Array:
-    """Attention of T new queries over S cache slots.
+def cached_attention(
+    q_BTNK, k_blocks, v_blocks, query_slots_T, key_start_B, block_starts
+) -> jax.Array:
+    """Attention of T new queries over the cache slots they can see.
 
     Row b's sequence occupies slots ``key_start_B[b]`` onwards (prompts are
     left-padded), and query t sits at slot ``query_slots_T[t]``: it sees the
     slots in between. Masked slots get probability exactly 0, so the result
-    equals attention over the unpadded sequence. The cache is laid out as the
-    two products read it, batched over (B, G) with the contracted axis in
-    place: keys [B, G, K, S], values [B, G, S, K]. (Stored [B, S, G, K], or
-    keys [B, G, S, K], XLA:CPU transposed the whole cache at every step.)
+    equals attention over the unpadded sequence. The slots are stored in
+    blocks (``k_blocks[j]`` [B, G, K, n_j] and ``v_blocks[j]`` [B, G, n_j, K],
+    starting at slot ``block_starts[j]``): only the blocks up to the last
+    query's slot are read, as a dynamic (``lax.switch``) choice among
+    ``len(k_blocks)`` programs. Each block is laid out as the two products
+    read it, batched over (B, G) with the contracted axis in place. (Stored
+    [B, S, G, K], XLA:CPU transposed the whole cache at every step.)
     """
     B, T, N, K = q_BTNK.shape
-    G, S = k_BGKS.shape[1], k_BGKS.shape[3]
+    G = k_blocks[0].shape[1]
     q_BGRTK = q_BTNK.reshape(B, T, G, N // G, K).transpose(0, 2, 3, 1, 4) * (K**-0.5)
-    scores_BGRTS = jnp.einsum("BGRTK,BGKS->BGRTS", q_BGRTK, k_BGKS)
-    slots_S = jnp.arange(S)
-    visible_BTS = (slots_S <= query_slots_T[:, None])[None] & (
-        slots_S >= key_start_B[:, None, None]
-    )
-    scores_BGRTS = jnp.where(visible_BTS[:, None, None], scores_BGRTS.astype(jnp.float32), -1e30)
-    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(q_BTNK.dtype)
-    out_BGRTK = jnp.einsum("BGRTS,BGSK->BGRTK", probs_BGRTS, v_BGSK)
+
+    def attend(num_blocks, q_BGRTK, k_blocks, v_blocks, query_slots_T, key_start_B):
+        sizes = [k.shape[3] for k in k_blocks[:num_blocks]]
+        scores_BGRTS = jnp.concatenate(
+            [jnp.einsum("BGRTK,BGKS->BGRTS", q_BGRTK, k) for k in k_blocks[:num_blocks]], axis=-1
+        )
+        slots_S = jnp.concatenate(
+            [
+                start + jnp.arange(n)
+                for start, n in zip(block_starts[:num_blocks], sizes, strict=True)
+            ]
+        )
+        visible_BTS = (slots_S <= query_slots_T[:, None])[None] & (
+            slots_S >= key_start_B[:, None, None]
+        )
+        scores_BGRTS = jnp.where(
+            visible_BTS[:, None, None], scores_BGRTS.astype(jnp.float32), -1e30
+        )
+        probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(q_BGRTK.dtype)
+        cuts = list(itertools.accumulate(sizes))[:-1]
+        return sum(
+            jnp.einsum("BGRTS,BGSK->BGRTK", p, v)
+            for p, v in zip(
+                jnp.split(probs_BGRTS, cuts, axis=-1), v_blocks[:num_blocks], strict=True
+            )
+        )
+
+    operands = (q_BGRTK, k_blocks, v_blocks, query_slots_T, key_start_B)
+    if len(k_blocks) == 1:
+        out_BGRTK = attend(1, *operands)
+    else:
+        # Blocks holding any slot up to the last query's; the rest are empty.
+        needed = jnp.sum(jnp.asarray(block_starts) <= query_slots_T[-1])
+        branches = [functools.partial(attend, n) for n in range(1, len(k_blocks) + 1)]
+        out_BGRTK = jax.lax.switch(needed - 1, branches, *operands)
     return out_BGRTK.transpose(0, 3, 1, 2, 4).reshape(B, T, N, K)
+
+
+def cache_block_sizes(slots: int, block: int | None) -> list[int]:
+    """How a cache of ``slots`` positions is cut into blocks of ``block`` slots
+    (None: one block), with at most 8 blocks (``block`` grows to slots / 8)."""
+    if block is None or block >= slots:
+        return [slots]
+    block = max(block, -(-slots // 8))
+    return [min(block, slots - start) for start in range(0, slots, block)]
+
+
+def _write_window(buf: jax.Array, new: jax.Array, offset: jax.Array, axis: int) -> jax.Array:
+    """``buf`` with ``new`` written along ``axis`` from ``offset`` (may be
+    negative or run past the end: only the overlapping part is written).
+
+    Reads and rewrites one window of min(n, T) positions in place, so a
+    one-token write costs one position per block, not the whole block.
+    """
+    n, T = buf.shape[axis], new.shape[axis]
+    W = min(n, T)
+    at = jnp.clip(offset, 0, n - W)
+    src_W = at - offset + jnp.arange(W)  # index into `new` of each window position
+    valid_W = (src_W >= 0) & (src_W < T)
+    shape = [1] * buf.ndim
+    shape[axis] = W
+    vals = jnp.take(new, jnp.clip(src_W, 0, T - 1), axis=axis).astype(buf.dtype)
+    old = jax.lax.dynamic_slice_in_dim(buf, at, W, axis)
+    vals = jnp.where(valid_W.reshape(shape), vals, old)
+    return jax.lax.dynamic_update_slice_in_dim(buf, vals, at, axis)
 
 
 class KVCache(NamedTuple):
     """Keys and values of every layer for S slots, and where this call writes.
 
-    One buffer per layer (``k[i]`` is [B, G, K, S], ``v[i]`` [B, G, S, K]; see
-    ``cached_attention``): each is updated in place
-    inside the decoding loop and read without copying, which a slice of one
-    stacked [L, ...] buffer would cost (XLA:CPU copies such slices: at batch
-    16 those copies took three quarters of a cpu-small decoding step).
-    ``slot`` is the first slot this call writes (the same for every row) and
-    ``start_B`` each row's first real slot (slots before it are left padding
-    and never attended to); ``layer`` is the block being applied.
+    Per layer, the slots are cut into blocks (``cache_block_sizes``), each
+    its own buffer: ``k[i][j]`` is [B, G, K, n_j], ``v[i][j]`` [B, G, n_j, K]
+    (see ``cached_attention``). Every buffer is updated in place inside the
+    decoding loop and read without copying, which a slice of one stacked
+    [L, ...] buffer would cost (XLA:CPU copies such slices: at batch 16 those
+    copies took three quarters of a cpu-small decoding step); attention reads
+    only the blocks filled so far. ``slot`` is the first slot this call writes
+    (the same for every row) and ``start_B`` each row's first real slot
+    (slots before it are left padding and never attended to); ``layer`` is
+    the block being applied.
     """
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: tuple[tuple[jax.Array, ...], ...]
+    v: tuple[tuple[jax.Array, ...], ...]
     slot: jax.Array
     start_B: jax.Array
     layer: int = 0
 
+    def block_starts(self) -> list[int]:
+        sizes = [k.shape[3] for k in self.k[0]]
+        return [0, *itertools.accumulate(sizes)][:-1]
+
     def write(self, k_BTGK: jax.Array, v_BTGK: jax.Array) -> KVCache:
-        def put(bufs, new, order, at):
-            buf = bufs[self.layer]
-            buf = jax.lax.dynamic_update_slice(buf, new.transpose(order).astype(buf.dtype), at)
-            return (*bufs[: self.layer], buf, *bufs[self.layer + 1 :])
+        starts = self.block_starts()
+
+        def put(bufs, new, axis):
+            if len(starts) == 1:  # one block: the write always fits
+                parts = (
+                    jax.lax.dynamic_update_slice_in_dim(
+                        bufs[self.layer][0], new.astype(bufs[self.layer][0].dtype), self.slot, axis
+                    ),
+                )
+            else:
+                parts = tuple(
+                    _write_window(buf, new, self.slot - start, axis)
+                    for buf, start in zip(bufs[self.layer], starts, strict=True)
+                )
+            return (*bufs[: self.layer], parts, *bufs[self.layer + 1 :])
 
         return self._replace(
-            k=put(self.k, k_BTGK, (0, 2, 3, 1), (0, 0, 0, self.slot)),  # to [B, G, K, T]
-            v=put(self.v, v_BTGK, (0, 2, 1, 3), (0, 0, self.slot, 0)),  # to [B, G, T, K]
+            k=put(self.k, k_BTGK.transpose(0, 2, 3, 1), 3),  # as [B, G, K, T]
+            v=put(self.v, v_BTGK.transpose(0, 2, 1, 3), 2),  # as [B, G, T, K]
         )
 
-    def layer_kv(self) -> tuple[jax.Array, jax.Array]:
+    def layer_kv(self) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
         return self.k[self.layer], self.v[self.layer]
 
 
-def init_cache(cfg: Config, batch: int, slots: int, start_B: jax.Array) -> KVCache:
-    """An empty cache of ``slots`` positions per row, in the compute dtype."""
+def init_cache(
+    cfg: Config, batch: int, slots: int, start_B: jax.Array, block: int | None = None
+) -> KVCache:
+    """An empty cache of ``slots`` positions per row in the compute dtype, cut
+    into blocks of ``block`` slots (see ``cache_block_sizes``)."""
     G, K, dtype = cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype)
+    sizes = cache_block_sizes(slots, block)
 
     def empty(shape, axes):
         return meshlib.constrain(jnp.zeros(shape, dtype), axes)
 
+    def layer_k():
+        return tuple(
+            empty((batch, G, K, n), ("batch", "kv_heads", "head_dim", "seq")) for n in sizes
+        )
+
+    def layer_v():
+        return tuple(
+            empty((batch, G, n, K), ("batch", "kv_heads", "seq", "head_dim")) for n in sizes
+        )
+
     L = cfg.num_layers
     return KVCache(
-        tuple(
-            empty((batch, G, K, slots), ("batch", "kv_heads", "head_dim", "seq")) for _ in range(L)
-        ),
-        tuple(
-            empty((batch, G, slots, K), ("batch", "kv_heads", "seq", "head_dim")) for _ in range(L)
-        ),
+        tuple(layer_k() for _ in range(L)),
+        tuple(layer_v() for _ in range(L)),
         jnp.int32(0),
         start_B.astype(jnp.int32),
     )
