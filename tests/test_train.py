@@ -42,11 +42,11 @@ def _batches(cfg, n, batch=8, length=33):
     ]
 
 
-def _run(cfg, spec, devices=None, n=5, optim=OPTIM):
+def _run(cfg, spec, devices=None, n=5, optim=OPTIM, length=33):
     mesh = meshlib.make_mesh(spec, devices)
     state, step = _setup(cfg, mesh, optim)
     losses = []
-    for b in _batches(cfg, n):
+    for b in _batches(cfg, n, length=length):
         state, metrics = step(state, meshlib.global_batch(b, mesh))
         losses.append(float(metrics["loss"]))
     return np.array(losses), state
@@ -82,6 +82,20 @@ def test_mixed_mesh_equals_one_device_with_gqa(single_device_tiny):
     np.testing.assert_allclose(losses, single_device_tiny[0], rtol=LOSS_RTOL)
     chex.assert_trees_all_close(
         jax.device_get(state.params), jax.device_get(single_device_tiny[1].params), atol=PARAM_ATOL
+    )
+
+
+def test_splash_attention_on_a_mixed_mesh_equals_xla_on_one_device():
+    # The splash kernel runs per shard (shard_map over batch and heads),
+    # interpreted on these CPU devices; GQA: 2 query heads and 1 KV head a
+    # shard. Its key blocks are 128 wide: 128-token rows, 3 steps.
+    tiny = dataclasses.replace(transformer.get_preset("tiny"), max_seq_len=128)
+    splash = dataclasses.replace(tiny, attention="splash")
+    ref_losses, ref_state = _run(tiny, "data=1", jax.devices()[:1], n=3, length=129)
+    losses, state = _run(splash, "data=2,fsdp=2,tensor=2", n=3, length=129)
+    np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
+    chex.assert_trees_all_close(
+        jax.device_get(state.params), jax.device_get(ref_state.params), atol=PARAM_ATOL
     )
 
 

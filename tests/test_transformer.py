@@ -170,9 +170,13 @@ def test_remat_policy_dots_equals_plain_path(params):
 
 def test_attention_resolves_per_backend():
     bf16 = dataclasses.replace(CFG, dtype="bfloat16")
-    on_gpu = jax.default_backend() == "gpu"
-    assert transformer.attention_impl(bf16) == ("cudnn" if on_gpu else "xla")
-    assert transformer.attention_impl(CFG) == "xla"  # cuDNN flash needs 16-bit compute
+    backend = jax.default_backend()
+    expected = {"tpu": "splash", "gpu": "cudnn"}.get(backend, "xla")
+    assert transformer.attention_impl(bf16) == expected
+    # cuDNN flash needs 16-bit compute; splash takes any dtype and most lengths.
+    assert transformer.attention_impl(CFG) == ("splash" if backend == "tpu" else "xla")
+    assert transformer.attention_impl(CFG, seq_len=600) == "xla"  # no splash block fits
+    assert transformer.attention_impl(CFG, seq_len=64) == "xla"
     with pytest.raises(ValueError, match="attention='flash'"):
         dataclasses.replace(CFG, attention="flash")
     with pytest.raises(ValueError, match="remat_policy='all'"):
@@ -196,3 +200,33 @@ def test_cudnn_attention_matches_xla_attention_in_bf16():
     # bf16 compute: both sides round activations to 8 mantissa bits.
     np.testing.assert_allclose(loss_cudnn, loss_xla, rtol=2e-3)
     chex.assert_trees_all_close(grad_cudnn, grad_xla, atol=2e-3, rtol=5e-2)
+
+
+@pytest.mark.parametrize(
+    "length,block", [(128, 128), (512, 512), (768, 256), (1024, 512), (640, 128), (64, None)]
+)
+def test_splash_block_size(length, block):
+    assert transformer.splash_block_size(length) == block
+
+
+def test_splash_attention_equals_xla_attention_with_gqa(params):
+    # Off TPU the Pallas kernel runs interpreted: the same kernel code and numbers.
+    # Splash computes keys in blocks of 128: a 128-token context.
+    tokens = _tokens(4, length=129)
+
+    def loss_and_grad(attention):
+        cfg = dataclasses.replace(CFG, attention=attention, max_seq_len=128)
+        f = jax.value_and_grad(lambda p: transformer.loss(cfg, p, {"tokens": tokens})[0])
+        return f(params)
+
+    (loss_xla, grad_xla), (loss_splash, grad_splash) = loss_and_grad("xla"), loss_and_grad("splash")
+    assert CFG.num_kv_heads < CFG.num_heads  # grouped-query attention exercised
+    np.testing.assert_allclose(loss_splash, loss_xla, rtol=1e-6)
+    chex.assert_trees_all_close(grad_splash, grad_xla, atol=1e-6, rtol=1e-5)
+
+
+def test_splash_attention_refuses_lengths_it_cannot_block():
+    q = jnp.zeros((1, 600, 4, 16))
+    kv = jnp.zeros((1, 600, 2, 16))
+    with pytest.raises(ValueError, match="attention='splash' needs a sequence length"):
+        transformer.splash_attention(q, kv, kv)

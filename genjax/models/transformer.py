@@ -61,8 +61,9 @@ class Config:
     # projection outputs and recomputes only elementwise ops and attention.
     remat_policy: str = "nothing"
     attn_block_size: int = 64  # query block of causal attention; 0 = one block
-    # "auto": cuDNN flash attention on a GPU in 16-bit compute, else "xla" (the
-    # blocked einsum attention below, the fastest formulation measured on CPU).
+    # "auto": the Pallas splash kernel on a TPU, cuDNN flash attention on a GPU
+    # in 16-bit compute, else "xla" (the blocked einsum attention below, the
+    # fastest formulation measured on CPU).
     attention: str = "auto"
 
     def __post_init__(self):
@@ -88,9 +89,9 @@ class Config:
                 f"model config: remat_policy={self.remat_policy!r}; choose one of "
                 f"{sorted(REMAT_POLICIES)}"
             )
-        if self.attention not in ("auto", "xla", "cudnn"):
+        if self.attention not in ("auto", "xla", "cudnn", "splash"):
             raise ValueError(
-                f"model config: attention={self.attention!r}; choose auto, xla or cudnn"
+                f"model config: attention={self.attention!r}; choose auto, xla, cudnn or splash"
             )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
@@ -233,11 +234,14 @@ class Attention(nnx.Module):
         v_BTGK = dense(x_BTD, self.wv_DGK[...])
         q_BTNK = rope(q_BTNK, positions_BT, cfg.rope_theta)
         k_BTGK = rope(k_BTGK, positions_BT, cfg.rope_theta)
-        if cache is None and attention_impl(cfg) == "cudnn":
+        impl = attention_impl(cfg, seq_len=x_BTD.shape[1])
+        if cache is None and impl == "cudnn":
             # Index-causal, which equals position-causal for increasing positions.
             out_BTNK = jax.nn.dot_product_attention(
                 q_BTNK, k_BTGK, v_BTGK, is_causal=True, implementation="cudnn"
             )
+        elif cache is None and impl == "splash":
+            out_BTNK = splash_attention(q_BTNK, k_BTGK, v_BTGK)  # index-causal, as cuDNN
         elif cache is None:
             out_BTNK = causal_attention(
                 q_BTNK, k_BTGK, v_BTGK, positions_BT, block=cfg.attn_block_size
@@ -252,12 +256,88 @@ class Attention(nnx.Module):
         return dense(out_BTNK, self.wo_NKD[...], in_dims=2), cache
 
 
-def attention_impl(cfg: Config) -> str:
-    """The attention implementation ``cfg.attention`` resolves to on this backend."""
+def attention_impl(cfg: Config, seq_len: int | None = None) -> str:
+    """The attention implementation ``cfg.attention`` resolves to on this backend
+    (for sequences of ``seq_len``, where that matters)."""
     if cfg.attention != "auto":
         return cfg.attention
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and cfg.dtype in ("bfloat16", "float16") else "xla"
+    backend = jax.default_backend()
+    if backend == "tpu" and (seq_len is None or splash_block_size(seq_len) is not None):
+        return "splash"
+    if backend == "gpu" and cfg.dtype in ("bfloat16", "float16"):
+        return "cudnn"
+    return "xla"
+
+
+def splash_block_size(seq_len: int) -> int | None:
+    """Query and key block of the splash kernel for ``seq_len``: the largest of
+    512, 256, 128 that divides it, else None (the kernel computes key blocks
+    of a multiple of 128, the TPU's lane count)."""
+    for block in (512, 256, 128):
+        if seq_len % block == 0:
+            return block
+    return None
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(seq_len: int, heads_per_kv: int, interpret: bool):
+    """A causal splash kernel for one (example, KV head) with its query heads:
+    q [R, T, K], k and v [T, K] (the kernel's MQA form; GQA is vmapped over KV heads)."""
+    # Imported here: Pallas is only needed by configurations that use it.
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash_kernel,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as splash_mask,
+    )
+
+    block = splash_block_size(seq_len)
+    if block is None:
+        raise ValueError(
+            f"attention='splash' needs a sequence length that is a multiple of 128; "
+            f"got {seq_len}. Use attention='xla' or pad the sequence"
+        )
+    mask = splash_mask.MultiHeadMask(
+        [splash_mask.CausalMask((seq_len, seq_len)) for _ in range(heads_per_kv)]
+    )
+    sizes = splash_kernel.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    return splash_kernel.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def splash_attention(q_BTNK, k_BTGK, v_BTGK) -> jax.Array:
+    """Causal attention by the Pallas splash kernel (interpreted off TPU, for tests).
+
+    Under a genjax mesh the kernel runs per shard (``shard_map``): batch over
+    the data axes and heads over ``tensor``, so GSPMD never gathers its inputs.
+    """
+    T, N, K = q_BTNK.shape[1:]
+    R = N // k_BTGK.shape[2]
+    kernel = _splash_kernel(T, R, jax.default_backend() != "tpu")
+
+    def per_shard(q_BTNK, k_BTGK, v_BTGK):
+        B, G = q_BTNK.shape[0], k_BTGK.shape[2]
+        q_BGRTK = q_BTNK.reshape(B, T, G, R, K).transpose(0, 2, 3, 1, 4) * (K**-0.5)
+        k_BGTK, v_BGTK = k_BTGK.transpose(0, 2, 1, 3), v_BTGK.transpose(0, 2, 1, 3)
+        out_BGRTK = jax.vmap(jax.vmap(kernel))(q_BGRTK, k_BGTK, v_BGTK)
+        return out_BGRTK.transpose(0, 3, 1, 2, 4).reshape(B, T, G * R, K)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(meshlib.MESH_AXES) <= set(mesh.axis_names):
+        return per_shard(q_BTNK, k_BTGK, v_BTGK)
+    q_spec = meshlib.logical_to_spec(("batch", "seq", "heads", "head_dim"))
+    kv_spec = meshlib.logical_to_spec(("batch", "seq", "kv_heads", "head_dim"))
+    return jax.shard_map(
+        per_shard, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False
+    )(q_BTNK, k_BTGK, v_BTGK)
 
 
 def causal_attention(q_BTNK, k_BSGK, v_BSGK, positions_BT, *, block: int) -> jax.Array:
