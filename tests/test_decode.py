@@ -97,10 +97,45 @@ def test_write_window_writes_exactly_the_overlap():
 
 def test_auto_cache_block_blocks_only_large_caches_on_cpu():
     small = transformer.get_preset("cpu-small")
-    assert decode.auto_cache_block(small, 16, 256) == 128  # 75 MB of keys and values
+    on_cpu = jax.default_backend() == "cpu"
+    assert decode.auto_cache_block(small, 16, 256) == (128 if on_cpu else None)  # 75 MB
     assert decode.auto_cache_block(small, 2, 256) is None  # 9 MB
-    with pytest.raises(ValueError, match="cache_block"):
-        decode.Decoder(CFG, {}, cache_block=0)
+    for bad in (0, -4, True, "halves"):
+        with pytest.raises(ValueError, match="cache_block"):
+            decode.Decoder(CFG, {}, cache_block=bad)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("static_slot", [True, False], ids=["static_slot", "traced_slot"])
+def test_cached_attention_never_reads_blocks_past_the_last_query(T, static_slot):
+    # Blocks of 4 over 16 slots; the blocks after the last query's are NaN, so
+    # reading one block too many poisons the output (masking does not help:
+    # 0 · NaN), and reading too few differs from the one-block reference.
+    B, N, G, K, S = 2, 4, 2, 8, 16
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((B, T, N, K)).astype(np.float32)
+    k_BGKS = rng.standard_normal((B, G, K, S)).astype(np.float32)
+    v_BGSK = rng.standard_normal((B, G, S, K)).astype(np.float32)
+    start_B = jnp.array([0, 3])  # row 1 is left-padded by 3 slots
+    starts = [0, 4, 8, 12]
+
+    def attend(slot, k, v, block_starts):
+        cuts = block_starts[1:]
+        k_blocks, v_blocks = tuple(np.split(k, cuts, axis=3)), tuple(np.split(v, cuts, axis=2))
+        return transformer.cached_attention(q, k_blocks, v_blocks, slot, start_B, block_starts)
+
+    for first in range(3, S - T + 1):
+        unused = ((first + T - 1) // 4 + 1) * 4  # first slot of the first unused block
+        poisoned_k, poisoned_v = k_BGKS.copy(), v_BGSK.copy()
+        poisoned_k[..., unused:] = np.nan
+        poisoned_v[:, :, unused:] = np.nan
+        if static_slot:
+            out = attend(first, poisoned_k, poisoned_v, starts)
+        else:
+            out = jax.jit(lambda s, k, v: attend(s, k, v, starts))(first, poisoned_k, poisoned_v)
+        zeroed_k, zeroed_v = np.nan_to_num(poisoned_k), np.nan_to_num(poisoned_v)
+        ref = attend(jnp.int32(first), zeroed_k, zeroed_v, [0])
+        np.testing.assert_allclose(out, ref, atol=1e-6, err_msg=f"first slot {first}")
 
 
 def test_greedy_equals_argmax_loop_over_full_forwards(params):

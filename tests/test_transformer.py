@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from genjax import mesh as meshlib
 from genjax.models import transformer
 
 CFG = transformer.get_preset("tiny")
@@ -221,8 +222,42 @@ def test_splash_attention_equals_xla_attention_with_gqa(params):
 
     (loss_xla, grad_xla), (loss_splash, grad_splash) = loss_and_grad("xla"), loss_and_grad("splash")
     assert CFG.num_kv_heads < CFG.num_heads  # grouped-query attention exercised
-    np.testing.assert_allclose(loss_splash, loss_xla, rtol=1e-6)
-    chex.assert_trees_all_close(grad_splash, grad_xla, atol=1e-6, rtol=1e-5)
+    # Interpreted, the kernel computes in float32 like the XLA path. On a TPU
+    # both run at the default (bf16-pass) matmul precision: looser bounds there
+    # (not run on one).
+    tol = 2e-2 if jax.default_backend() == "tpu" else 1e-6
+    np.testing.assert_allclose(loss_splash, loss_xla, rtol=tol)
+    chex.assert_trees_all_close(grad_splash, grad_xla, atol=tol, rtol=10 * tol)
+
+
+def test_splash_kernel_is_reused_across_traces():
+    # The kernel is built once per length and cached: a second jit (another
+    # batch size, same length) and a gradient must reuse it without tracer leaks.
+    rng = np.random.default_rng(0)
+
+    def qkv(batch):
+        q = rng.standard_normal((batch, 128, 4, 16), dtype=np.float32)
+        kv = rng.standard_normal((2, batch, 128, 2, 16), dtype=np.float32)
+        return q, kv[0], kv[1]
+
+    def reference(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+    for batch in (1, 2):
+        q, k, v = qkv(batch)
+        out = jax.jit(transformer.splash_attention)(q, k, v)
+        np.testing.assert_allclose(out, reference(q, k, v), atol=1e-5)
+    grad = jax.grad(lambda q: jnp.sum(jax.jit(transformer.splash_attention)(q, k, v) ** 2))(q)
+    ref = jax.grad(lambda q: jnp.sum(reference(q, k, v) ** 2))(q)
+    np.testing.assert_allclose(grad, ref, atol=1e-4)
+
+
+def test_splash_attention_refuses_a_batch_the_mesh_cannot_split():
+    q = jnp.zeros((3, 128, 4, 16))
+    kv = jnp.zeros((3, 128, 2, 16))
+    with jax.set_mesh(meshlib.make_mesh("data=2,fsdp=2,tensor=2")):
+        with pytest.raises(ValueError, match="batch 3 must divide by the 4 shards"):
+            jax.jit(transformer.splash_attention)(q, kv, kv)
 
 
 def test_splash_attention_refuses_lengths_it_cannot_block():

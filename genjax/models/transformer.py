@@ -249,9 +249,8 @@ class Attention(nnx.Module):
         else:
             cache = cache.write(k_BTGK, v_BTGK)
             k_blocks, v_blocks = cache.layer_kv()
-            query_slots_T = cache.slot + jnp.arange(x_BTD.shape[1])
             out_BTNK = cached_attention(
-                q_BTNK, k_blocks, v_blocks, query_slots_T, cache.start_B, cache.block_starts()
+                q_BTNK, k_blocks, v_blocks, cache.slot, cache.start_B, cache.block_starts()
             )
         return dense(out_BTNK, self.wo_NKD[...], in_dims=2), cache
 
@@ -310,7 +309,12 @@ def _splash_kernel(seq_len: int, heads_per_kv: int, interpret: bool):
         block_q_dq=block,
         block_kv_dq=block,
     )
-    return splash_kernel.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    # The kernel keeps its mask tables as arrays: made concrete here, they stay
+    # valid in every later trace (built inside a jit they would be tracers).
+    with jax.ensure_compile_time_eval():
+        return splash_kernel.make_splash_mqa_single_device(
+            mask, block_sizes=sizes, interpret=interpret
+        )
 
 
 def splash_attention(q_BTNK, k_BTGK, v_BTGK) -> jax.Array:
@@ -331,10 +335,26 @@ def splash_attention(q_BTNK, k_BTGK, v_BTGK) -> jax.Array:
         return out_BGRTK.transpose(0, 3, 1, 2, 4).reshape(B, T, G * R, K)
 
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(meshlib.MESH_AXES) <= set(mesh.axis_names):
+    if (
+        mesh.empty
+        or not set(meshlib.MESH_AXES) <= set(mesh.axis_names)
+        or any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)  # in a shard_map
+    ):
         return per_shard(q_BTNK, k_BTGK, v_BTGK)
     q_spec = meshlib.logical_to_spec(("batch", "seq", "heads", "head_dim"))
     kv_spec = meshlib.logical_to_spec(("batch", "seq", "kv_heads", "head_dim"))
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    for name, dim, entry in [
+        ("batch", q_BTNK.shape[0], q_spec[0]),
+        ("KV heads", k_BTGK.shape[2], kv_spec[2]),
+    ]:
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        shards = math.prod(sizes[a] for a in axes)
+        if dim % shards:
+            raise ValueError(
+                f"attention='splash' runs per shard: {name} {dim} must divide by the "
+                f"{shards} shards of mesh axes {axes}. Use attention='xla' or change the mesh"
+            )
     return jax.shard_map(
         per_shard, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False
     )(q_BTNK, k_BTGK, v_BTGK)
@@ -365,24 +385,26 @@ def causal_attention(q_BTNK, k_BSGK, v_BSGK, positions_BT, *, block: int) -> jax
 
 
 def cached_attention(
-    q_BTNK, k_blocks, v_blocks, query_slots_T, key_start_B, block_starts
+    q_BTNK, k_blocks, v_blocks, first_slot, key_start_B, block_starts
 ) -> jax.Array:
     """Attention of T new queries over the cache slots they can see.
 
     Row b's sequence occupies slots ``key_start_B[b]`` onwards (prompts are
-    left-padded), and query t sits at slot ``query_slots_T[t]``: it sees the
+    left-padded), and query t sits at slot ``first_slot + t``: it sees the
     slots in between. Masked slots get probability exactly 0, so the result
     equals attention over the unpadded sequence. The slots are stored in
     blocks (``k_blocks[j]`` [B, G, K, n_j] and ``v_blocks[j]`` [B, G, n_j, K],
     starting at slot ``block_starts[j]``): only the blocks up to the last
-    query's slot are read, as a dynamic (``lax.switch``) choice among
-    ``len(k_blocks)`` programs. Each block is laid out as the two products
+    query's slot are read: a dynamic (``lax.switch``) choice among
+    ``len(k_blocks)`` programs, or one program where ``first_slot`` is a
+    Python int (the prefill). Each block is laid out as the two products
     read it, batched over (B, G) with the contracted axis in place. (Stored
     [B, S, G, K], XLA:CPU transposed the whole cache at every step.)
     """
     B, T, N, K = q_BTNK.shape
     G = k_blocks[0].shape[1]
     q_BGRTK = q_BTNK.reshape(B, T, G, N // G, K).transpose(0, 2, 3, 1, 4) * (K**-0.5)
+    query_slots_T = first_slot + jnp.arange(T)
 
     def attend(num_blocks, q_BGRTK, k_blocks, v_blocks, query_slots_T, key_start_B):
         sizes = [k.shape[3] for k in k_blocks[:num_blocks]]
@@ -403,18 +425,22 @@ def cached_attention(
         )
         probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(q_BGRTK.dtype)
         cuts = list(itertools.accumulate(sizes))[:-1]
-        return sum(
-            jnp.einsum("BGRTS,BGSK->BGRTK", p, v)
+        # Blocks summed in float32 and rounded once, as one block would be.
+        out_BGRTK = sum(
+            jnp.einsum("BGRTS,BGSK->BGRTK", p, v, preferred_element_type=jnp.float32)
             for p, v in zip(
                 jnp.split(probs_BGRTS, cuts, axis=-1), v_blocks[:num_blocks], strict=True
             )
         )
+        return out_BGRTK.astype(q_BGRTK.dtype)
 
     operands = (q_BGRTK, k_blocks, v_blocks, query_slots_T, key_start_B)
-    if len(k_blocks) == 1:
+    if isinstance(first_slot, int):  # known while tracing: one program
+        # Blocks holding any slot up to the last query's; the rest are empty.
+        out_BGRTK = attend(sum(s <= first_slot + T - 1 for s in block_starts), *operands)
+    elif len(k_blocks) == 1:
         out_BGRTK = attend(1, *operands)
     else:
-        # Blocks holding any slot up to the last query's; the rest are empty.
         needed = jnp.sum(jnp.asarray(block_starts) <= query_slots_T[-1])
         branches = [functools.partial(attend, n) for n in range(1, len(k_blocks) + 1)]
         out_BGRTK = jax.lax.switch(needed - 1, branches, *operands)
@@ -460,14 +486,15 @@ class KVCache(NamedTuple):
     [L, ...] buffer would cost (XLA:CPU copies such slices: at batch 16 those
     copies took three quarters of a cpu-small decoding step); attention reads
     only the blocks filled so far. ``slot`` is the first slot this call writes
-    (the same for every row) and ``start_B`` each row's first real slot
+    (the same for every row; a Python int where known while tracing, as 0 for
+    the prefill, else an array) and ``start_B`` each row's first real slot
     (slots before it are left padding and never attended to); ``layer`` is
-    the block being applied.
+    the transformer layer being applied.
     """
 
     k: tuple[tuple[jax.Array, ...], ...]
     v: tuple[tuple[jax.Array, ...], ...]
-    slot: jax.Array
+    slot: int | jax.Array
     start_B: jax.Array
     layer: int = 0
 
@@ -526,7 +553,7 @@ def init_cache(
     return KVCache(
         tuple(layer_k() for _ in range(L)),
         tuple(layer_v() for _ in range(L)),
-        jnp.int32(0),
+        0,  # the prefill's slot, static: its attention reads a known number of blocks
         start_B.astype(jnp.int32),
     )
 

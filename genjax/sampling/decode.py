@@ -14,9 +14,10 @@ then decodes in lockstep: slot P + t of the cache holds token t of every row.
 Positions count from each row's first real token, and padded slots are masked
 out of attention, so a row gives the same tokens alone or in a batch.
 
-Compiled once per (config, batch size, padded prompt length, max_new_tokens):
-the prompt tokens, seeds, sampling values, end-of-sequence id and stop
-sequences are traced arguments. Sampling row b uses the key of ``seed + b``,
+Compiled once per (config, batch size, padded prompt length, max_new_tokens,
+cache blocks, and whether a single prompt runs as twin rows): the prompt
+tokens, seeds, sampling values, end-of-sequence id and stop sequences are
+traced arguments. Sampling row b uses the key of ``seed + b``,
 so a prompt's sample does not depend on what else is in the batch.
 """
 
@@ -200,6 +201,8 @@ def _generate(
     keys_B = jax.vmap(jax.random.key)(seeds_B)
     positions_BP = jnp.maximum(jnp.arange(P)[None] - start_B[:, None], 0)
     if twin_rows:  # one prompt in two identical rows: prefill it once, then copy
+        if B != 2:
+            raise ValueError(f"twin_rows needs the prompt's two rows, got {B} rows")
         cache = transformer.init_cache(cfg, 1, P + N, start_B[:1], cache_block)
         logits_1V, cache = transformer.decode(cfg, params, prompt_BP[:1], positions_BP[:1], cache)
         twice = lambda x: jnp.concatenate([x, x])
@@ -210,6 +213,7 @@ def _generate(
     else:
         cache = transformer.init_cache(cfg, B, P + N, start_B, cache_block)
         logits_BV, cache = transformer.decode(cfg, params, prompt_BP, positions_BP, cache)
+    cache = cache._replace(slot=jnp.int32(P))  # a traced slot from here on (the loop's carry)
 
     def cond(carry):
         step, _, _, _, done_B, _, _ = carry
@@ -335,7 +339,8 @@ class Decoder:
         cache_block: int | str | None = "auto",
     ):
         if not (
-            cache_block in (None, "auto") or (isinstance(cache_block, int) and cache_block > 0)
+            cache_block in (None, "auto")
+            or (type(cache_block) is int and cache_block > 0)  # not a bool
         ):
             raise ValueError(f"cache_block={cache_block!r}: pass a positive int, None or 'auto'")
         self.cfg, self.mesh, self.cache_block = cfg, mesh, cache_block
