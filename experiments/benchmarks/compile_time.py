@@ -111,12 +111,11 @@ def main(argv=None) -> None:
     print("\n".join(lines))
     if args.results:
         sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-        from lm_train_speed import results_section
+        from lm_train_speed import append_section, results_section
 
         versions = {"python": platform.python_version(), "jax": jax.__version__}
         section = results_section("Compile time against depth", __file__, argv, versions, [], lines)
-        with args.results.open("a") as f:
-            f.write("\n".join(section))
+        append_section(args.results, section)
 
 
 if __name__ == "__main__":

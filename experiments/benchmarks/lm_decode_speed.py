@@ -50,7 +50,11 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from lm_train_speed import peak_rss_mb, results_section  # noqa: E402  (same folder)
+from lm_train_speed import (  # noqa: E402  (same folder)
+    append_section,
+    peak_rss_mb,
+    results_section,
+)
 
 SIDES = ("genjax", "hf")
 # Sampling settings per strategy, in genjax's terms (temperature 0 = greedy; top_k 0 = off).
@@ -383,9 +387,7 @@ def main(argv=None) -> None:
     )
     print("\n".join(section))
     if args.results:
-        with args.results.open("a") as f:
-            f.write("\n".join(section))
-        print(f"appended to {args.results}")
+        append_section(args.results, section)
 
 
 if __name__ == "__main__":

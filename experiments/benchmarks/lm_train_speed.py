@@ -321,6 +321,13 @@ def results_section(
     ]
 
 
+def append_section(path: pathlib.Path, section: list[str]) -> None:
+    """Appends a ``results_section`` to ``path`` (RESULTS.md) and says so."""
+    with path.open("a") as f:
+        f.write("\n".join(section))
+    print(f"appended to {path}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cpu-small", help="genjax transformer preset")
@@ -403,9 +410,7 @@ def main(argv=None) -> None:
 
     if args.results:
         section = results_section("LM training throughput", __file__, argv, versions, header, lines)
-        with args.results.open("a") as f:
-            f.write("\n".join(section))
-        print(f"appended to {args.results}")
+        append_section(args.results, section)
 
 
 if __name__ == "__main__":
