@@ -1,6 +1,7 @@
 """KV-cached decoding and sampling (genjax.sampling.decode)."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -114,21 +115,21 @@ def test_cached_attention_never_reads_blocks_past_the_last_query(T, static_slot)
     B, N, G, K, S = 2, 4, 2, 8, 16
     rng = np.random.default_rng(0)
     q = rng.standard_normal((B, T, N, K)).astype(np.float32)
-    k_BGKS = rng.standard_normal((B, G, K, S)).astype(np.float32)
-    v_BGSK = rng.standard_normal((B, G, S, K)).astype(np.float32)
+    k_ZKS = rng.standard_normal((B * G, K, S)).astype(np.float32)  # the cache's layout
+    v_ZSK = rng.standard_normal((B * G, S, K)).astype(np.float32)
     start_B = jnp.array([0, 3])  # row 1 is left-padded by 3 slots
     starts = [0, 4, 8, 12]
 
     def attend(slot, k, v, block_starts):
         cuts = block_starts[1:]
-        k_blocks, v_blocks = tuple(np.split(k, cuts, axis=3)), tuple(np.split(v, cuts, axis=2))
+        k_blocks, v_blocks = tuple(np.split(k, cuts, axis=2)), tuple(np.split(v, cuts, axis=1))
         return transformer.cached_attention(q, k_blocks, v_blocks, slot, start_B, block_starts)
 
     for first in range(3, S - T + 1):
         unused = ((first + T - 1) // 4 + 1) * 4  # first slot of the first unused block
-        poisoned_k, poisoned_v = k_BGKS.copy(), v_BGSK.copy()
+        poisoned_k, poisoned_v = k_ZKS.copy(), v_ZSK.copy()
         poisoned_k[..., unused:] = np.nan
-        poisoned_v[:, :, unused:] = np.nan
+        poisoned_v[:, unused:] = np.nan
         if static_slot:
             out = attend(first, poisoned_k, poisoned_v, starts)
         else:
@@ -136,6 +137,62 @@ def test_cached_attention_never_reads_blocks_past_the_last_query(T, static_slot)
         zeroed_k, zeroed_v = np.nan_to_num(poisoned_k), np.nan_to_num(poisoned_v)
         ref = attend(jnp.int32(first), zeroed_k, zeroed_v, [0])
         np.testing.assert_allclose(out, ref, atol=1e-6, err_msg=f"first slot {first}")
+
+
+@pytest.mark.parametrize("column_blocks", [1, 2, 4])
+def test_single_prompt_logits_equal_full_recomputation(params, column_blocks):
+    # One prompt: one cache row (Z = G, no unit batch axis), and with column
+    # blocks every projection is a dot batched over blocks of its columns.
+    sampling = decode.SamplingParams(temperature=1.0, top_k=40)
+    gen = decode.generate(
+        CFG, params, PROMPTS[:1], max_new_tokens=NEW, sampling=sampling, seed=3,
+        return_logits=True, column_blocks=column_blocks,
+    )  # fmt: skip
+    ref = full_forward_logits(CFG, params, PROMPTS[0], gen.tokens[0])
+    np.testing.assert_allclose(gen.logits[0], ref, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_column_blocks_apply_and_merge_exactly():
+    rng = np.random.default_rng(0)
+    x_BTNK = jnp.asarray(rng.standard_normal((3, 2, 4, 8)), jnp.float32)
+    w_NKD = jnp.asarray(rng.standard_normal((4, 8, 6)), jnp.float32)
+    w_NKF = jnp.asarray(rng.standard_normal((4, 8, 10)), jnp.float32)
+    blocks = transformer.ColumnBlocks.of([w_NKD, w_NKF], in_dims=2, blocks=4)
+    assert blocks.w_SIO.shape == (4, 32, 4)  # 6 + 10 columns in 4 blocks
+    for got, w in zip(blocks.merged(), (w_NKD, w_NKF), strict=True):
+        np.testing.assert_array_equal(got, w)
+    for got, w in zip(blocks.apply(x_BTNK), (w_NKD, w_NKF), strict=True):
+        np.testing.assert_allclose(got, transformer.dense(x_BTNK, w, in_dims=2), atol=1e-5)
+    with pytest.raises(ValueError, match="16 output columns do not split into 3 blocks"):
+        transformer.ColumnBlocks.of([w_NKD, w_NKF], in_dims=2, blocks=3)
+
+
+def test_merge_column_blocks_restores_the_plain_layout(params):
+    plain = transformer.split_layers(params)
+    blocked = transformer.split_layers(params, column_blocks=2)
+    assert isinstance(blocked["blocks"][0]["attn"]["wq_DNK"], transformer.ColumnBlocks)
+    assert isinstance(blocked["blocks"][0]["attn"]["wk_DGK"], transformer.Joined)
+    merged = transformer.merge_column_blocks(blocked)
+    assert jax.tree.structure(merged) == jax.tree.structure(plain)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_auto_column_blocks_one_per_core_on_one_cpu_device():
+    small = transformer.get_preset("cpu-small")
+    if jax.default_backend() != "cpu":
+        assert decode.auto_column_blocks(small, None) == 1
+        return
+    cores = len(os.sched_getaffinity(0))
+    blocks = decode.auto_column_blocks(small, None)
+    assert 1 <= blocks <= cores and 128 % blocks == 0  # gcd of cpu-small's column counts
+    assert decode.auto_column_blocks(small, meshlib.make_mesh("tensor=2", jax.devices()[:2])) == 1
+    for bad in (0, 1.5, "two"):
+        with pytest.raises(ValueError, match="column_blocks"):
+            decode.Decoder(CFG, params={}, column_blocks=bad)
+    with pytest.raises(ValueError, match="needs one device"):
+        decode.Decoder(CFG, params={}, mesh=meshlib.make_mesh("tensor=2", jax.devices()[:2]),
+                       column_blocks=2)  # fmt: skip
 
 
 def test_greedy_equals_argmax_loop_over_full_forwards(params):

@@ -55,7 +55,6 @@ def compile_seconds(kind: str, num_layers: int) -> float:
             stream=False,
             return_logits=False,
             cache_block=None,
-            twin_rows=False,
         ).compile()
         return time.perf_counter() - t0
     mesh = meshlib.make_mesh("data=1", devices=jax.devices()[:1])
