@@ -167,15 +167,30 @@ def test_column_blocks_apply_and_merge_exactly():
         transformer.ColumnBlocks.of([w_NKD, w_NKF], in_dims=2, blocks=3)
 
 
-def test_merge_column_blocks_restores_the_plain_layout(params):
+def test_column_block_layout_round_trips_exactly(params):
     plain = transformer.split_layers(params)
-    blocked = transformer.split_layers(params, column_blocks=2)
+    blocked = transformer.with_column_blocks(plain, 2)
     assert isinstance(blocked["blocks"][0]["attn"]["wq_DNK"], transformer.ColumnBlocks)
     assert isinstance(blocked["blocks"][0]["attn"]["wk_DGK"], transformer.Joined)
-    merged = transformer.merge_column_blocks(blocked)
-    assert jax.tree.structure(merged) == jax.tree.structure(plain)
-    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(plain), strict=True):
-        np.testing.assert_array_equal(a, b)
+    for layout in (transformer.with_column_blocks(blocked, 1), transformer.with_column_blocks(
+        transformer.with_column_blocks(blocked, 4), 1)):  # fmt: skip
+        assert jax.tree.structure(layout) == jax.tree.structure(plain)
+        for a, b in zip(jax.tree.leaves(layout), jax.tree.leaves(plain), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_decoder_relays_out_its_weights_between_one_and_many_prompts(params):
+    # One Decoder serving one prompt, then three, then one again gives what
+    # fresh decoders give: the layout switches (column blocks <-> plain) are exact.
+    decoder = decode.Decoder(CFG, params, column_blocks=2)
+    kw = dict(max_new_tokens=NEW, return_logits=True)
+    calls = [PROMPTS[:1], PROMPTS, PROMPTS[:1]]
+    for prompts in calls:
+        got = decoder.generate(prompts, **kw)
+        fresh = decode.generate(CFG, params, prompts, column_blocks=1, **kw)
+        assert got.tokens == fresh.tokens
+        np.testing.assert_allclose(got.logits, fresh.logits, atol=LOGIT_ATOL, rtol=0)
+    assert decoder._layout == 2  # the last call was of one prompt
 
 
 def test_auto_column_blocks_one_per_core_on_one_cpu_device():

@@ -203,7 +203,7 @@ class ColumnBlocks:
     the weight matmuls of a batch-1 step, 2-core CPU: 1.9 ms as plain matmuls,
     1.1 ms in two blocks, torch 1.2 ms), and joining q/k/v and gate/up saves a
     dot each (43 → 25 dots a step: 1.29 → 1.13 ms). From two rows on the
-    batched dot is slower than the plain one: ``merge_column_blocks`` undoes it.
+    batched dot is slower than the plain one (``with_column_blocks(params, 1)`` undoes it).
     """
 
     w_SIO: jax.Array
@@ -798,10 +798,9 @@ _COLUMN_GROUPS = [
 ]
 
 
-def split_layers(params: Params, column_blocks: int = 1) -> Params:
+def split_layers(params: Params) -> Params:
     """The parameters in the layout ``decode`` takes: ``blocks`` as a list of
-    per-layer dicts, and ``head_DV``, the output projection as a [D, V] matrix;
-    with ``column_blocks`` > 1, each projection group as ``ColumnBlocks``.
+    per-layer dicts, and ``head_DV``, the output projection as a [D, V] matrix.
 
     XLA:CPU copies a slice of a stacked weight before multiplying by it; per
     decoding step those copies cost more than the matmuls (cpu-small, batch 1:
@@ -813,27 +812,32 @@ def split_layers(params: Params, column_blocks: int = 1) -> Params:
     num_layers = jax.tree.leaves(blocks)[0].shape[0]
     layers = [jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(num_layers)]
     head_DV = params["lm_head_DV"] if "lm_head_DV" in params else params["embed_VD"].T
-    if column_blocks > 1:
-        for layer in layers:
-            for module, names, in_dims in _COLUMN_GROUPS:
-                ws = [layer[module][name] for name in names]
-                layer[module][names[0]] = ColumnBlocks.of(ws, in_dims, column_blocks)
-                layer[module].update({name: Joined() for name in names[1:]})
-        head_DV = ColumnBlocks.of([head_DV], 1, column_blocks)
     return {**params, "blocks": layers, "head_DV": head_DV}
 
 
-def merge_column_blocks(params: Params) -> Params:
-    """The ``split_layers`` layout with every ``ColumnBlocks`` group back as plain weights."""
-    if not isinstance(params["head_DV"], ColumnBlocks):
+def with_column_blocks(params: Params, column_blocks: int) -> Params:
+    """The ``split_layers`` layout with each projection group as ``ColumnBlocks``
+    of that many blocks (1: plain weights). Takes either layout."""
+    if isinstance(params["head_DV"], ColumnBlocks):  # back to plain first
+        plain = []
+        for layer in params["blocks"]:
+            layer = {k: dict(v) if isinstance(v, dict) else v for k, v in layer.items()}
+            for module, names, _ in _COLUMN_GROUPS:
+                layer[module].update(zip(names, layer[module][names[0]].merged(), strict=True))
+            plain.append(layer)
+        params = {**params, "blocks": plain, "head_DV": params["head_DV"].merged()[0]}
+    if column_blocks == 1:
         return params
     layers = []
     for layer in params["blocks"]:
         layer = {k: dict(v) if isinstance(v, dict) else v for k, v in layer.items()}
-        for module, names, _ in _COLUMN_GROUPS:
-            layer[module].update(zip(names, layer[module][names[0]].merged(), strict=True))
+        for module, names, in_dims in _COLUMN_GROUPS:
+            ws = [layer[module][name] for name in names]
+            layer[module][names[0]] = ColumnBlocks.of(ws, in_dims, column_blocks)
+            layer[module].update({name: Joined() for name in names[1:]})
         layers.append(layer)
-    return {**params, "blocks": layers, "head_DV": params["head_DV"].merged()[0]}
+    head_DV = ColumnBlocks.of([params["head_DV"]], 1, column_blocks)
+    return {**params, "blocks": layers, "head_DV": head_DV}
 
 
 @functools.lru_cache(maxsize=32)

@@ -198,8 +198,6 @@ def _generate(
     """
     B, P = prompt_BP.shape
     N = max_new_tokens
-    if B > 1:  # column blocks pay only at one row a step (transformer.ColumnBlocks)
-        params = transformer.merge_column_blocks(params)
     keys_B = jax.vmap(jax.random.key)(seeds_B)
     positions_BP = jnp.maximum(jnp.arange(P)[None] - start_B[:, None], 0)
     cache = transformer.init_cache(cfg, B, P + N, start_B, cache_block)
@@ -282,7 +280,11 @@ def check_request(
             )
 
 
-_split_layers = jax.jit(transformer.split_layers, static_argnums=1)
+_decoding_layout = jax.jit(
+    lambda params, blocks: transformer.with_column_blocks(transformer.split_layers(params), blocks),
+    static_argnums=1,
+)
+_relayout = jax.jit(transformer.with_column_blocks, static_argnums=1)
 
 
 def auto_column_blocks(cfg: transformer.Config, mesh: jax.sharding.Mesh | None) -> int:
@@ -335,8 +337,10 @@ class Decoder:
     each step reads only the blocks filled so far (``transformer.cached_attention``);
     None keeps one block; "auto" picks per request (``auto_cache_block``).
     ``column_blocks`` stores the projections as that many blocks of columns
-    (``transformer.ColumnBlocks``: batch-1 steps use every CPU core); 1 keeps
-    them plain; "auto" is ``auto_column_blocks``.
+    for calls of one prompt (``transformer.ColumnBlocks``: their steps then use
+    every CPU core); 1 keeps them plain; "auto" is ``auto_column_blocks``. The
+    layout follows the calls: a call of several prompts after one of a single
+    prompt (or the reverse) first lays the weights out again (one copy).
     """
 
     def __init__(
@@ -360,8 +364,19 @@ class Decoder:
         elif column_blocks > 1 and mesh is not None and mesh.size > 1:
             raise ValueError("column_blocks > 1 needs one device: the blocks are not sharded")
         self.cfg, self.mesh, self.cache_block = cfg, mesh, cache_block
+        self.column_blocks = column_blocks
         with self._mesh():
-            self.params = _split_layers(params, column_blocks)
+            self.params = _decoding_layout(params, column_blocks)
+        self._layout = column_blocks  # of self.params
+
+    def _weights(self, batch: int):
+        """The weights laid out for a call of ``batch`` prompts."""
+        layout = self.column_blocks if batch == 1 else 1
+        if layout != self._layout:
+            with self._mesh():
+                self.params = _relayout(self.params, layout)
+            self._layout = layout
+        return self.params
 
     def _mesh(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
@@ -415,7 +430,7 @@ class Decoder:
             ),
         )
         with _listening(on_token), self._mesh():
-            out_BN, steps, logits = _generate(cfg, self.params, *args, **static)
+            out_BN, steps, logits = _generate(cfg, self._weights(B), *args, **static)
             out_BN, steps = np.asarray(out_BN), int(steps)  # waits for the loop and callbacks
         tokens, reasons = [], []
         for row in out_BN[:, :steps].tolist():
