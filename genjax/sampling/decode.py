@@ -15,10 +15,14 @@ Positions count from each row's first real token, and padded slots are masked
 out of attention, so a row gives the same tokens alone or in a batch.
 
 Compiled once per (config, batch size, padded prompt length, max_new_tokens,
-cache blocks): the prompt
-tokens, seeds, sampling values, end-of-sequence id and stop sequences are
-traced arguments. Sampling row b uses the key of ``seed + b``,
-so a prompt's sample does not depend on what else is in the batch.
+cache blocks, weight layout): the prompt tokens, seeds, sampling values,
+end-of-sequence id and stop sequences are traced arguments. Sampling row b
+uses the key of ``seed + b``, so a prompt's sample does not depend on what
+else is in the batch.
+
+On a CPU a single prompt decodes with its projections stored as blocks of
+columns (``transformer.ColumnBlocks``), so that each step's one-row matmuls
+run on every core; several prompts use the plain layout.
 """
 
 from __future__ import annotations
@@ -454,6 +458,8 @@ def generate(
     """One-off ``Decoder(cfg, params, mesh=, cache_block=, column_blocks=).generate(prompts,
     **kwargs)``. Lays the weights out on every call; keep a ``Decoder`` to decode repeatedly.
     """
+    if column_blocks == "auto" and len(prompts) > 1:
+        column_blocks = 1  # the layout several prompts decode with, at once
     decoder = Decoder(cfg, params, mesh=mesh, cache_block=cache_block, column_blocks=column_blocks)
     return decoder.generate(prompts, **kwargs)
 
