@@ -311,6 +311,7 @@ def test_changing_prompt_seed_or_sampling_values_does_not_recompile(params):
     generate([[2, 5, 6]], sampling=decode.SamplingParams(temperature=0.8, top_k=7, top_p=0.5))
     generate([[2, 5, 6]], sampling=decode.SamplingParams(temperature=1.2), seed=9)
     generate([[2, 5, 6]], eos_id=3, stop_sequences=[[4, 4]])
+    generate([[2, 5, 6]], on_token=lambda step, tokens: None)  # streaming
     assert decode._generate._cache_size() == compiled
 
 

@@ -46,13 +46,13 @@ def compile_seconds(kind: str, num_layers: int) -> float:
         prompt = np.zeros((1, 32), np.int32)
         args = (prompt, np.zeros(1, np.int32), np.zeros(1, np.uint32), np.float32(0))
         args += (np.int32(0), np.float32(1), np.int32(-1), np.full((4, 8), -1, np.int32))
+        args += (np.bool_(False),)  # not streaming
         t0 = time.perf_counter()
         decode._generate.lower(
             cfg,
             params,
             *args,
             max_new_tokens=32,
-            stream=False,
             return_logits=False,
             cache_block=None,
         ).compile()

@@ -11,8 +11,8 @@ Each side runs in its own subprocess and goes through every (batch, strategy) in
 configuration: one first call (genjax compiles here), `--reps` timed calls whose median gives
 new tokens/s (batch × new tokens ÷ seconds), then one untimed streaming call and `--reps`
 streaming calls whose median gives the time to first token (TTFT): for genjax, from calling
-`generate` to `on_token` firing for step 0 (a separate program, since streaming may slow the
-loop); for HF, to the streamer's second `put` (the first carries the prompt). Compile time is
+`generate` to `on_token` firing for step 0 (the same program: streaming is a traced switch);
+for HF, to the streamer's second `put` (the first carries the prompt). Compile time is
 the first call minus the median call; a row that reuses an earlier row's program (genjax's
 top_p after greedy: the sampling settings are traced values) shows ≈ 0, noise either way.
 Peak RSS is the process's VmHWM, reset at the start of each configuration
@@ -97,7 +97,7 @@ def time_config(call, spec: dict, batch: int) -> dict:
         t0 = time.perf_counter()
         call(False)
         call_s.append(time.perf_counter() - t0)
-    call(True)  # warm the streaming path: genjax compiles it separately
+    call(True)  # warm the streaming path (HF's streamer; genjax's is the same program)
     ttft_s = []
     for _ in range(spec["reps"]):
         t0 = time.perf_counter()

@@ -818,26 +818,33 @@ def split_layers(params: Params) -> Params:
 def with_column_blocks(params: Params, column_blocks: int) -> Params:
     """The ``split_layers`` layout with each projection group as ``ColumnBlocks``
     of that many blocks (1: plain weights). Takes either layout."""
-    if isinstance(params["head_DV"], ColumnBlocks):  # back to plain first
-        plain = []
-        for layer in params["blocks"]:
-            layer = {k: dict(v) if isinstance(v, dict) else v for k, v in layer.items()}
-            for module, names, _ in _COLUMN_GROUPS:
-                layer[module].update(zip(names, layer[module][names[0]].merged(), strict=True))
-            plain.append(layer)
-        params = {**params, "blocks": plain, "head_DV": params["head_DV"].merged()[0]}
-    if column_blocks == 1:
-        return params
-    layers = []
-    for layer in params["blocks"]:
-        layer = {k: dict(v) if isinstance(v, dict) else v for k, v in layer.items()}
-        for module, names, in_dims in _COLUMN_GROUPS:
-            ws = [layer[module][name] for name in names]
-            layer[module][names[0]] = ColumnBlocks.of(ws, in_dims, column_blocks)
-            layer[module].update({name: Joined() for name in names[1:]})
-        layers.append(layer)
-    head_DV = ColumnBlocks.of([params["head_DV"]], 1, column_blocks)
-    return {**params, "blocks": layers, "head_DV": head_DV}
+    return {
+        **params,
+        "blocks": [layer_with_column_blocks(layer, column_blocks) for layer in params["blocks"]],
+        "head_DV": head_with_column_blocks(params["head_DV"], column_blocks),
+    }
+
+
+def layer_with_column_blocks(layer: Params, column_blocks: int) -> Params:
+    """One layer of ``with_column_blocks``."""
+    layer = {k: dict(v) if isinstance(v, dict) else v for k, v in layer.items()}
+    for module, names, in_dims in _COLUMN_GROUPS:
+        weights = layer[module]
+        first = weights[names[0]]
+        ws = first.merged() if isinstance(first, ColumnBlocks) else [weights[n] for n in names]
+        if column_blocks == 1:
+            weights.update(zip(names, ws, strict=True))
+        else:
+            weights[names[0]] = ColumnBlocks.of(ws, in_dims, column_blocks)
+            weights.update({name: Joined() for name in names[1:]})
+    return layer
+
+
+def head_with_column_blocks(head_DV, column_blocks: int):
+    """The output projection of ``with_column_blocks``."""
+    if isinstance(head_DV, ColumnBlocks):
+        head_DV = head_DV.merged()[0]
+    return head_DV if column_blocks == 1 else ColumnBlocks.of([head_DV], 1, column_blocks)
 
 
 @functools.lru_cache(maxsize=32)

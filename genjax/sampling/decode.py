@@ -172,7 +172,6 @@ def _stop_hit(window_BM: jax.Array, stops_QM: jax.Array) -> jax.Array:
     static_argnames=(
         "cfg",
         "max_new_tokens",
-        "stream",
         "return_logits",
         "cache_block",
     ),
@@ -188,9 +187,9 @@ def _generate(
     top_p: jax.Array,
     eos_id: jax.Array,
     stops_QM: jax.Array,
+    stream: jax.Array,
     *,
     max_new_tokens: int,
-    stream: bool,
     return_logits: bool,
     cache_block: int | None,
 ):
@@ -218,8 +217,8 @@ def _generate(
         token_B = sample_logits(logits_BV, step_keys_B, temperature, top_k, top_p)
         token_B = jnp.where(done_B, _NO_TOKEN, token_B)
         out_BN = jax.lax.dynamic_update_index_in_dim(out_BN, token_B, step, 1)
-        if stream:
-            jax.debug.callback(_deliver, step, token_B)
+        # A traced switch: streaming or not is the same program (one compile).
+        jax.lax.cond(stream, lambda: jax.debug.callback(_deliver, step, token_B), lambda: None)
         if return_logits:
             all_logits = jax.lax.dynamic_update_index_in_dim(all_logits, logits_BV, step, 1)
         window_BM = jnp.concatenate([window_BM[:, 1:], token_B[:, None]], axis=1)
@@ -288,7 +287,8 @@ _decoding_layout = jax.jit(
     lambda params, blocks: transformer.with_column_blocks(transformer.split_layers(params), blocks),
     static_argnums=1,
 )
-_relayout = jax.jit(transformer.with_column_blocks, static_argnums=1)
+_relayout_layer = jax.jit(transformer.layer_with_column_blocks, static_argnums=1)
+_relayout_head = jax.jit(transformer.head_with_column_blocks, static_argnums=1)
 
 
 def auto_column_blocks(cfg: transformer.Config, mesh: jax.sharding.Mesh | None) -> int:
@@ -377,8 +377,12 @@ class Decoder:
         """The weights laid out for a call of ``batch`` prompts."""
         layout = self.column_blocks if batch == 1 else 1
         if layout != self._layout:
-            with self._mesh():
-                self.params = _relayout(self.params, layout)
+            layers = self.params["blocks"]
+            with self._mesh():  # a layer at a time: each old one is freed as its copy is made
+                for i, layer in enumerate(layers):
+                    layers[i] = _relayout_layer(layer, layout)
+                    del layer
+                self.params["head_DV"] = _relayout_head(self.params["head_DV"], layout)
             self._layout = layout
         return self.params
 
@@ -422,10 +426,10 @@ class Decoder:
             np.float32(sampling.top_p),
             np.int32(-1 if eos_id is None else eos_id),
             _stop_array(stop_sequences),
+            np.bool_(on_token is not None),
         )
         static = dict(
             max_new_tokens=max_new_tokens,
-            stream=on_token is not None,
             return_logits=return_logits,
             cache_block=(
                 auto_cache_block(cfg, B, P + max_new_tokens)
