@@ -95,24 +95,16 @@ def make_mesh(spec: str = "data=-1", devices: Sequence[jax.Device] | None = None
 
 
 def logical_to_spec(
-    logical_axes: Sequence[str | tuple[str, ...] | None], rules: Mapping[str, Any] = RULES
+    logical_axes: Sequence[str | None], rules: Mapping[str, Any] = RULES
 ) -> PartitionSpec:
-    """Maps logical axis names to a PartitionSpec; a mesh axis may be used once.
-
-    A tuple of names is one dimension merging those axes, major first (a
-    ``[B·G, ...]`` buffer is ``("batch", "kv_heads")``): it is split over their
-    mesh axes in that order, so each shard holds whole rows of the merged axes.
-    """
+    """Maps logical axis names to a PartitionSpec; a mesh axis may be used once."""
     used: set[str] = set()
     spec = []
-    for entry in logical_axes:
-        names = entry if isinstance(entry, tuple) else (entry,)
-        axes = ()
-        for name in names:
-            if name is not None and name not in rules:
-                raise KeyError(f"logical axis {name!r} has no rule; known: {sorted(rules)}")
-            target = None if name is None else rules[name]
-            axes += (target,) if isinstance(target, str) else tuple(target or ())
+    for name in logical_axes:
+        if name is not None and name not in rules:
+            raise KeyError(f"logical axis {name!r} has no rule; known: {sorted(rules)}")
+        target = None if name is None else rules[name]
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
         axes = tuple(a for a in axes if a not in used)  # first use of a mesh axis wins
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)

@@ -1,7 +1,9 @@
 """KV-cached decoding and sampling (genjax.sampling.decode)."""
 
 import dataclasses
+import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -115,21 +117,21 @@ def test_cached_attention_never_reads_blocks_past_the_last_query(T, static_slot)
     B, N, G, K, S = 2, 4, 2, 8, 16
     rng = np.random.default_rng(0)
     q = rng.standard_normal((B, T, N, K)).astype(np.float32)
-    k_ZKS = rng.standard_normal((B * G, K, S)).astype(np.float32)  # the cache's layout
-    v_ZSK = rng.standard_normal((B * G, S, K)).astype(np.float32)
+    k_BGKS = rng.standard_normal((B, G, K, S)).astype(np.float32)
+    v_BGSK = rng.standard_normal((B, G, S, K)).astype(np.float32)
     start_B = jnp.array([0, 3])  # row 1 is left-padded by 3 slots
     starts = [0, 4, 8, 12]
 
     def attend(slot, k, v, block_starts):
         cuts = block_starts[1:]
-        k_blocks, v_blocks = tuple(np.split(k, cuts, axis=2)), tuple(np.split(v, cuts, axis=1))
+        k_blocks, v_blocks = tuple(np.split(k, cuts, axis=3)), tuple(np.split(v, cuts, axis=2))
         return transformer.cached_attention(q, k_blocks, v_blocks, slot, start_B, block_starts)
 
     for first in range(3, S - T + 1):
         unused = ((first + T - 1) // 4 + 1) * 4  # first slot of the first unused block
-        poisoned_k, poisoned_v = k_ZKS.copy(), v_ZSK.copy()
+        poisoned_k, poisoned_v = k_BGKS.copy(), v_BGSK.copy()
         poisoned_k[..., unused:] = np.nan
-        poisoned_v[:, unused:] = np.nan
+        poisoned_v[:, :, unused:] = np.nan
         if static_slot:
             out = attend(first, poisoned_k, poisoned_v, starts)
         else:
@@ -139,17 +141,43 @@ def test_cached_attention_never_reads_blocks_past_the_last_query(T, static_slot)
         np.testing.assert_allclose(out, ref, atol=1e-6, err_msg=f"first slot {first}")
 
 
-@pytest.mark.parametrize("column_blocks", [1, 2, 4])
-def test_single_prompt_logits_equal_full_recomputation(params, column_blocks):
-    # One prompt: one cache row (Z = G, no unit batch axis), and with column
+@pytest.mark.parametrize("column_blocks,cache_block", [(1, None), (2, None), (4, 4)])
+def test_single_prompt_logits_equal_full_recomputation(params, column_blocks, cache_block):
+    # One prompt: a cache without the batch axis, and with column
     # blocks every projection is a dot batched over blocks of its columns.
     sampling = decode.SamplingParams(temperature=1.0, top_k=40)
     gen = decode.generate(
         CFG, params, PROMPTS[:1], max_new_tokens=NEW, sampling=sampling, seed=3,
-        return_logits=True, column_blocks=column_blocks,
+        return_logits=True, column_blocks=column_blocks, cache_block=cache_block,
     )  # fmt: skip
     ref = full_forward_logits(CFG, params, PROMPTS[0], gen.tokens[0])
     np.testing.assert_allclose(gen.logits[0], ref, atol=LOGIT_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decoding_loop_never_copies_the_cache(params, batch):
+    # XLA:CPU copied every cache buffer at each step when the batch axis was a
+    # unit one; the compiled loop must update the buffers in place.
+    P, G, K = 8, CFG.num_kv_heads, CFG.head_dim
+    args = (np.zeros((batch, P), np.int32), np.zeros(batch, np.int32))
+    args += (np.zeros(batch, np.uint32), np.float32(0), np.int32(0), np.float32(1))
+    args += (np.int32(-1), decode._stop_array([]), np.bool_(False))
+    weights = decode._decoding_layout(params, 1)
+    hlo = (
+        decode._generate.lower(
+            CFG, weights, *args, max_new_tokens=NEW, return_logits=False, cache_block=None
+        )
+        .compile()
+        .as_text()
+    )
+    cache_size = batch * G * K * (P + NEW)  # one layer's keys (or values), any shape
+    copies = [
+        line
+        for line in hlo.splitlines()
+        if (m := re.search(r"= f32\[([\d,]+)\]\S* copy\(", line))
+        and math.prod(map(int, m.group(1).split(","))) == cache_size
+    ]
+    assert not copies, copies[:3]
 
 
 def test_column_blocks_apply_and_merge_exactly():

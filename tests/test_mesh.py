@@ -43,16 +43,6 @@ def test_logical_rules_map_to_mesh_axes():
         meshlib.logical_to_spec(("nonsense",))
 
 
-def test_merged_logical_axes_split_over_their_mesh_axes_in_order():
-    # A [B·G, K, S] cache: batch over data and fsdp, then KV heads over tensor.
-    spec = meshlib.logical_to_spec((("batch", "kv_heads"), "head_dim", "seq"))
-    assert spec == P(("data", "fsdp", "tensor"), None, None)
-    # A mesh axis is still used once: a later dimension asking for it gets nothing.
-    assert meshlib.logical_to_spec((("batch", "heads"), "kv_heads")) == P(
-        ("data", "fsdp", "tensor"), None
-    )
-
-
 def test_batch_not_divisible_by_data_axes():
     mesh = meshlib.make_mesh("data=2,fsdp=2,tensor=2")
     meshlib.check_batch_size(8, mesh)

@@ -468,26 +468,28 @@ def cached_attention(
     left-padded), and query t sits at slot ``first_slot + t``: it sees the
     slots in between. Masked slots get probability exactly 0, so the result
     equals attention over the unpadded sequence. The slots are stored in
-    blocks (``k_blocks[j]`` [Z, K, n_j] and ``v_blocks[j]`` [Z, n_j, K] with
-    Z = B·G, starting at slot ``block_starts[j]``): only the blocks up to the
-    last query's slot are read: a dynamic (``lax.switch``) choice among
-    ``len(k_blocks)`` programs, or one program where ``first_slot`` is a
-    Python int (the prefill). Each block is laid out as the two products
-    read it, batched over Z with the contracted axis in place. (Stored
-    [B, S, G, K], XLA:CPU transposed the whole cache at every step.)
+    blocks (``k_blocks[j]`` [B, G, K, n_j] and ``v_blocks[j]`` [B, G, n_j, K],
+    without the B axis at batch 1; see ``KVCache``), starting at slot
+    ``block_starts[j]``: only the blocks up to the last query's slot are
+    read: a dynamic (``lax.switch``) choice among ``len(k_blocks)`` programs,
+    or one program where ``first_slot`` is a Python int (the prefill). Each
+    block is laid out as the two products read it, batched over (B, G) with
+    the contracted axis in place. (Stored [B, S, G, K], XLA:CPU transposed the
+    whole cache at every step.) The products' "..." is (B, G), or G alone.
     """
     B, T, N, K = q_BTNK.shape
-    Z = k_blocks[0].shape[0]
-    G, R = Z // B, N // (Z // B)
-    q_ZQK = q_BTNK.reshape(B, T, G, R, K).transpose(0, 2, 3, 1, 4).reshape(Z, R * T, K) * (
-        K**-0.5
-    )  # Q = R·T: each KV head's queries, for every new position
+    G = k_blocks[0].shape[-3]
+    R = N // G
+    # Q = R·T: each KV head's queries, for every new position.
+    q_BGQK = q_BTNK.reshape(B, T, G, R, K).transpose(0, 2, 3, 1, 4).reshape(B, G, R * T, K)
+    q_BGQK = q_BGQK * (K**-0.5)
+    q_BGQK = q_BGQK[0] if k_blocks[0].ndim == 3 else q_BGQK  # batch 1: no B axis
     query_slots_T = first_slot + jnp.arange(T)
 
-    def attend(num_blocks, q_ZQK, k_blocks, v_blocks, query_slots_T, key_start_B):
-        sizes = [k.shape[2] for k in k_blocks[:num_blocks]]
-        scores_ZQS = jnp.concatenate(
-            [jnp.einsum("ZQK,ZKS->ZQS", q_ZQK, k) for k in k_blocks[:num_blocks]], axis=-1
+    def attend(num_blocks, q_BGQK, k_blocks, v_blocks, query_slots_T, key_start_B):
+        sizes = [k.shape[-1] for k in k_blocks[:num_blocks]]
+        scores_BGQS = jnp.concatenate(
+            [jnp.einsum("...QK,...KS->...QS", q_BGQK, k) for k in k_blocks[:num_blocks]], axis=-1
         )
         slots_S = jnp.concatenate(
             [
@@ -498,28 +500,31 @@ def cached_attention(
         visible_BTS = (slots_S <= query_slots_T[:, None])[None] & (
             slots_S >= key_start_B[:, None, None]
         )
-        scores_BGRTS = scores_ZQS.reshape(B, G, R, T, -1).astype(jnp.float32)
+        scores_BGRTS = scores_BGQS.reshape(B, G, R, T, -1).astype(jnp.float32)
         scores_BGRTS = jnp.where(visible_BTS[:, None, None], scores_BGRTS, -1e30)
-        probs_ZQS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(q_ZQK.dtype).reshape(Z, R * T, -1)
+        probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(q_BGQK.dtype)
+        probs_BGQS = probs_BGRTS.reshape(scores_BGQS.shape)
         cuts = list(itertools.accumulate(sizes))[:-1]
         # Blocks summed in float32 and rounded once, as one block would be.
-        out_ZQK = sum(
-            jnp.einsum("ZQS,ZSK->ZQK", p, v, preferred_element_type=jnp.float32)
-            for p, v in zip(jnp.split(probs_ZQS, cuts, axis=-1), v_blocks[:num_blocks], strict=True)
+        out_BGQK = sum(
+            jnp.einsum("...QS,...SK->...QK", p, v, preferred_element_type=jnp.float32)
+            for p, v in zip(
+                jnp.split(probs_BGQS, cuts, axis=-1), v_blocks[:num_blocks], strict=True
+            )
         )
-        return out_ZQK.astype(q_ZQK.dtype)
+        return out_BGQK.astype(q_BGQK.dtype)
 
-    operands = (q_ZQK, k_blocks, v_blocks, query_slots_T, key_start_B)
+    operands = (q_BGQK, k_blocks, v_blocks, query_slots_T, key_start_B)
     if isinstance(first_slot, int):  # known while tracing: one program
         # Blocks holding any slot up to the last query's; the rest are empty.
-        out_ZQK = attend(sum(s <= first_slot + T - 1 for s in block_starts), *operands)
+        out_BGQK = attend(sum(s <= first_slot + T - 1 for s in block_starts), *operands)
     elif len(k_blocks) == 1:
-        out_ZQK = attend(1, *operands)
+        out_BGQK = attend(1, *operands)
     else:
         needed = jnp.sum(jnp.asarray(block_starts) <= query_slots_T[-1])
         branches = [functools.partial(attend, n) for n in range(1, len(k_blocks) + 1)]
-        out_ZQK = jax.lax.switch(needed - 1, branches, *operands)
-    return out_ZQK.reshape(B, G, R, T, K).transpose(0, 3, 1, 2, 4).reshape(B, T, N, K)
+        out_BGQK = jax.lax.switch(needed - 1, branches, *operands)
+    return out_BGQK.reshape(B, G, R, T, K).transpose(0, 3, 1, 2, 4).reshape(B, T, N, K)
 
 
 def cache_block_sizes(slots: int, block: int | None) -> list[int]:
@@ -555,10 +560,10 @@ class KVCache(NamedTuple):
     """Keys and values of every layer for S slots, and where this call writes.
 
     Per layer, the slots are cut into blocks (``cache_block_sizes``), each
-    its own buffer: ``k[i][j]`` is [Z, K, n_j], ``v[i][j]`` [Z, n_j, K], with
-    batch and KV heads merged into Z = B·G (row-major) so that no buffer has a
-    unit axis at batch 1 (XLA:CPU then duplicated each cache write and copied
-    the buffers at every step). Every buffer is updated in place inside the
+    its own buffer: ``k[i][j]`` is [B, G, K, n_j], ``v[i][j]`` [B, G, n_j, K];
+    at batch 1 without the B axis ([G, K, n_j], [G, n_j, K]): with a unit
+    axis there, XLA:CPU duplicated each cache write into two fusions and
+    copied every buffer three times a step. Every buffer is updated in place inside the
     decoding loop and read without copying, which a slice of one stacked
     [L, ...] buffer would cost (XLA:CPU copies such slices: at batch 16 those
     copies took three quarters of a cpu-small decoding step); attention reads
@@ -576,7 +581,7 @@ class KVCache(NamedTuple):
     layer: int = 0
 
     def block_starts(self) -> list[int]:
-        sizes = [k.shape[2] for k in self.k[0]]
+        sizes = [k.shape[-1] for k in self.k[0]]
         return [0, *itertools.accumulate(sizes)][:-1]
 
     def write(self, k_BTGK: jax.Array, v_BTGK: jax.Array) -> KVCache:
@@ -596,11 +601,10 @@ class KVCache(NamedTuple):
                 )
             return (*bufs[: self.layer], parts, *bufs[self.layer + 1 :])
 
-        B, T, G, K = k_BTGK.shape
-        return self._replace(
-            k=put(self.k, k_BTGK.transpose(0, 2, 3, 1).reshape(B * G, K, T), 2),
-            v=put(self.v, v_BTGK.transpose(0, 2, 1, 3).reshape(B * G, T, K), 1),
-        )
+        k_BGKT, v_BGTK = k_BTGK.transpose(0, 2, 3, 1), v_BTGK.transpose(0, 2, 1, 3)
+        if self.k[0][0].ndim == 3:  # batch 1: no B axis
+            k_BGKT, v_BGTK = k_BGKT[0], v_BGTK[0]
+        return self._replace(k=put(self.k, k_BGKT, -1), v=put(self.v, v_BGTK, -2))
 
     def layer_kv(self) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
         return self.k[self.layer], self.v[self.layer]
@@ -617,12 +621,12 @@ def init_cache(
     def empty(shape, axes):
         return meshlib.constrain(jnp.zeros(shape, dtype), axes)
 
-    Z = batch * G  # one axis, sharded as batch then KV heads
+    B, BA = ((), ()) if batch == 1 else ((batch,), ("batch",))  # batch 1: no B axis
     layer_k = lambda: tuple(
-        empty((Z, K, n), (("batch", "kv_heads"), "head_dim", "seq")) for n in sizes
+        empty((*B, G, K, n), (*BA, "kv_heads", "head_dim", "seq")) for n in sizes
     )
     layer_v = lambda: tuple(
-        empty((Z, n, K), (("batch", "kv_heads"), "seq", "head_dim")) for n in sizes
+        empty((*B, G, n, K), (*BA, "kv_heads", "seq", "head_dim")) for n in sizes
     )
 
     L = cfg.num_layers
