@@ -43,6 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--mesh", default=None, help="decode sharded, e.g. fsdp=4,tensor=2")
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help="split the CPU into N XLA devices; with --mesh tensor=N a batch decodes in "
+        "parallel over them (a single prompt still runs on one device's cores)",
+    )
     return p.parse_args(argv)
 
 
@@ -64,6 +71,15 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.cpu_devices is not None:
+            if args.cpu_devices < 1:
+                raise ValueError(f"--cpu-devices={args.cpu_devices} must be >= 1")
+            try:
+                jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+            except RuntimeError:
+                raise ValueError(
+                    "--cpu-devices must be set before JAX starts in this process"
+                ) from None
         prompts = read_prompts(args)
         if args.num_samples < 1:
             raise ValueError(f"--num-samples={args.num_samples} must be >= 1")

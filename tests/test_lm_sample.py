@@ -2,8 +2,11 @@
 
 import dataclasses
 import importlib.util
+import os
 import pathlib
 import re
+import subprocess
+import sys
 import sysconfig
 
 import pytest
@@ -92,12 +95,30 @@ def test_cli_batch_from_prompts_file(run, tmp_path, capsys):
         (["--prompts-file", "/nonexistent.txt"], "does not exist"),
         (["--prompt", "x"], "max_new_tokens=120 that exceeds"),
         (["--prompt", "x", "--num-samples", "0"], "num-samples"),
+        (["--prompt", "x", "--cpu-devices", "2"], "before JAX starts"),
+        (["--prompt", "x", "--cpu-devices", "0"], "cpu-devices=0 must be >= 1"),
     ],
 )
 def test_cli_bad_input_is_a_clear_error(run, capsys, extra, match):
     code = _sample_script().main(["--workdir", str(run[0]), *extra])
     assert code == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_cli_batch_over_two_cpu_devices_equals_one_device(run, tmp_path):
+    # A fresh process: the CPU is split into two devices before JAX starts.
+    workdir = run[0]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def a():\n    return\nimport json\n")
+    args = [sys.executable, str(ROOT / "experiments/lm_sample.py"), "--workdir", str(workdir)]
+    args += ["--prompts-file", str(prompts), "--max-new-tokens", "12"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no 8 fake devices
+    one = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
+    two = subprocess.run(
+        [*args, "--cpu-devices", "2", "--mesh", "tensor=2"],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    assert two.stdout == one.stdout and "### prompt 1" in one.stdout
 
 
 def test_cli_prompts_file_not_utf8(run, tmp_path, capsys):

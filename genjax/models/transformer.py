@@ -819,6 +819,14 @@ def split_layers(params: Params) -> Params:
     return {**params, "blocks": layers, "head_DV": head_DV}
 
 
+def split_layers_axes(cfg: Config) -> Params:
+    """Logical sharding axes of the plain ``split_layers`` layout."""
+    axes = param_axes(cfg)
+    is_axes = lambda x: isinstance(x, tuple)
+    layer = jax.tree.map(lambda a: a[1:], axes["blocks"], is_leaf=is_axes)  # no 'layers'
+    return {**axes, "blocks": [layer] * cfg.num_layers, "head_DV": ("embed", "vocab")}
+
+
 def with_column_blocks(params: Params, column_blocks: int) -> Params:
     """The ``split_layers`` layout with each projection group as ``ColumnBlocks``
     of that many blocks (1: plain weights). Takes either layout."""

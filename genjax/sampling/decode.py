@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genjax import mesh as meshlib
 from genjax.models import transformer
 
 # Stop sequences are padded to these sizes so that adding one rarely recompiles.
@@ -291,13 +292,13 @@ _relayout_layer = jax.jit(transformer.layer_with_column_blocks, static_argnums=1
 _relayout_head = jax.jit(transformer.head_with_column_blocks, static_argnums=1)
 
 
-def auto_column_blocks(cfg: transformer.Config, mesh: jax.sharding.Mesh | None) -> int:
-    """One block of projection columns per CPU core, on one CPU device; else 1.
+def auto_column_blocks(cfg: transformer.Config) -> int:
+    """One block of projection columns per CPU core on a CPU; 1 on accelerators.
 
     The count must divide every projection's output columns; measured on 2
     cores only (cpu-small batch 1: 2.3 → 1.9 ms a step with 2 blocks).
     """
-    if jax.default_backend() != "cpu" or (mesh is not None and mesh.size > 1):
+    if jax.default_backend() != "cpu":
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     D, F, V, K = cfg.d_model, cfg.ffn_dim, cfg.vocab_size, cfg.head_dim
@@ -342,9 +343,12 @@ class Decoder:
     None keeps one block; "auto" picks per request (``auto_cache_block``).
     ``column_blocks`` stores the projections as that many blocks of columns
     for calls of one prompt (``transformer.ColumnBlocks``: their steps then use
-    every CPU core); 1 keeps them plain; "auto" is ``auto_column_blocks``. The
-    layout follows the calls: a call of several prompts after one of a single
-    prompt (or the reverse) first lays the weights out again (one copy).
+    every CPU core), on the mesh's first device; 1 keeps them plain and where
+    they are; "auto" is ``auto_column_blocks``. The layout follows the calls:
+    a call of several prompts after one of a single prompt (or the reverse)
+    first lays the weights out again, a layer at a time. So on a CPU split into
+    devices (``jax_num_cpu_devices``), a ``tensor=2`` mesh serves batches in
+    parallel over the devices and single prompts on one device's cores.
     """
 
     def __init__(
@@ -362,32 +366,53 @@ class Decoder:
         ):
             raise ValueError(f"cache_block={cache_block!r}: pass a positive int, None or 'auto'")
         if column_blocks == "auto":
-            column_blocks = auto_column_blocks(cfg, mesh)
+            column_blocks = auto_column_blocks(cfg)
         elif not (type(column_blocks) is int and column_blocks > 0):
             raise ValueError(f"column_blocks={column_blocks!r}: pass a positive int or 'auto'")
-        elif column_blocks > 1 and mesh is not None and mesh.size > 1:
-            raise ValueError("column_blocks > 1 needs one device: the blocks are not sharded")
         self.cfg, self.mesh, self.cache_block = cfg, mesh, cache_block
         self.column_blocks = column_blocks
-        with self._mesh():
-            self.params = _decoding_layout(params, column_blocks)
-        self._layout = column_blocks  # of self.params
+        # Without devices to move between, the first layout is the single prompt's.
+        first = 1 if self._multi_device else column_blocks
+        with self._mesh(batch=2):
+            self.params = _decoding_layout(params, first)
+        self._layout = first  # of self.params
+
+    @property
+    def _multi_device(self) -> bool:
+        return self.mesh is not None and self.mesh.size > 1
+
+    def _sharded(self, batch: int) -> bool:
+        """Whether a call of ``batch`` prompts runs on the mesh (else on one device)."""
+        return self._multi_device and not (batch == 1 and self.column_blocks > 1)
+
+    def _mesh(self, batch: int):
+        return jax.set_mesh(self.mesh) if self._sharded(batch) else contextlib.nullcontext()
 
     def _weights(self, batch: int):
         """The weights laid out for a call of ``batch`` prompts."""
         layout = self.column_blocks if batch == 1 else 1
-        if layout != self._layout:
-            layers = self.params["blocks"]
-            with self._mesh():  # a layer at a time: each old one is freed as its copy is made
-                for i, layer in enumerate(layers):
-                    layers[i] = _relayout_layer(layer, layout)
-                    del layer
-                self.params["head_DV"] = _relayout_head(self.params["head_DV"], layout)
-            self._layout = layout
+        if layout == self._layout:
+            return self.params
+        if not self._multi_device:  # the layout changes, the place does not
+            place = lambda key, i=None: None
+        elif self._sharded(batch):  # back onto the mesh, as param_axes shards them
+            plain = jax.eval_shape(transformer.split_layers, transformer.abstract_params(self.cfg))
+            axes = transformer.split_layers_axes(self.cfg)
+            shardings = meshlib.tree_shardings(axes, plain, self.mesh)
+            place = lambda key, i=None: shardings[key] if i is None else shardings[key][i]
+        else:  # off the mesh, onto its first device
+            device = jax.sharding.SingleDeviceSharding(self.mesh.devices.flat[0])
+            place = lambda key, i=None: device
+        put = lambda x, to: x if to is None else jax.device_put(x, to)
+        layers = self.params["blocks"]
+        for i in range(len(layers)):  # a layer at a time: each old one is freed as we go
+            layers[i] = put(_relayout_layer(layers[i], layout), place("blocks", i))
+        head_DV = _relayout_head(self.params["head_DV"], layout)
+        self.params["head_DV"] = put(head_DV, place("head_DV"))
+        for key in self.params.keys() - {"blocks", "head_DV"}:
+            self.params[key] = put(self.params[key], place(key))
+        self._layout = layout
         return self.params
-
-    def _mesh(self):
-        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def generate(
         self,
@@ -437,8 +462,9 @@ class Decoder:
                 else self.cache_block
             ),
         )
-        with _listening(on_token), self._mesh():
-            out_BN, steps, logits = _generate(cfg, self._weights(B), *args, **static)
+        weights = self._weights(B)
+        with _listening(on_token), self._mesh(B):
+            out_BN, steps, logits = _generate(cfg, weights, *args, **static)
             out_BN, steps = np.asarray(out_BN), int(steps)  # waits for the loop and callbacks
         tokens, reasons = [], []
         for row in out_BN[:, :steps].tolist():
