@@ -23,11 +23,13 @@ included); the side's peak is the largest over its rows and its start-up.
     python experiments/benchmarks/lm_decode_speed.py                  # print the tables
     python experiments/benchmarks/lm_decode_speed.py --results experiments/benchmarks/RESULTS.md
     python experiments/benchmarks/lm_decode_speed.py --sides hf --batches 1 --reps 1  # ~30 s
+    # genjax with the CPU split into two XLA devices: batches tensor-parallel over them
+    python experiments/benchmarks/lm_decode_speed.py --genjax-cpu-devices 2 --genjax-mesh tensor=2
 
 Hardware: a 2-core CPU. Expected time for the default run: about 4 minutes when the machine is
 lightly loaded (other jobs on the two cores slow both sides many-fold: check `uptime`). HF
-there ran at ≈ 300 new tokens/s at batch 1 and ≈ 1,200 at batch 16 (greedy; top-p ≈ 250 and
-≈ 950), TTFT ≈ 10 ms and ≈ 60 ms. The issue's goal: genjax ≥ 3× HF's tokens/s at batch 1 and
+there ran at ≈ 220–300 new tokens/s at batch 1 and ≈ 950–1,200 at batch 16 (greedy; top-p
+≈ 180–250 and ≈ 750–950), TTFT ≈ 10–12 ms and ≈ 60–70 ms, depending on the machine. The issue's goal: genjax ≥ 3× HF's tokens/s at batch 1 and
 16, with peak memory ≤ HF's.
 
 Needs the `bench` extra (torch, CPU build) and `transformers`.
@@ -138,13 +140,23 @@ def run_configs(make_call, spec: dict) -> dict:
 def run_genjax(spec: dict) -> dict:
     import jax
 
+    if spec["genjax_cpu_devices"] > 1:  # before JAX starts its CPU client
+        jax.config.update("jax_num_cpu_devices", spec["genjax_cpu_devices"])
+
+    from genjax import mesh as meshlib
     from genjax.models import transformer
     from genjax.sampling import decode
 
     cfg = transformer.get_preset(spec["preset"])
+    mesh = meshlib.make_mesh(spec["genjax_mesh"]) if spec["genjax_mesh"] else None
+    shardings = None
+    if mesh is not None:
+        abstract = transformer.abstract_params(cfg)
+        shardings = meshlib.tree_shardings(transformer.param_axes(cfg), abstract, mesh)
+    init = jax.jit(transformer.init, static_argnums=0, out_shardings=shardings)
     # The decoder keeps its own per-layer copy of the weights; the stacked
     # training layout is not kept alongside (HF too holds one copy).
-    decoder = decode.Decoder(cfg, transformer.init(cfg, jax.random.key(0)))
+    decoder = decode.Decoder(cfg, init(cfg, jax.random.key(0)), mesh=mesh)
 
     def make_call(prompts_BP: np.ndarray, strategy: str):
         prompts = prompts_BP.tolist()
@@ -336,6 +348,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=32, help="random prompt tokens")
     p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU cores per side")
+    p.add_argument(
+        "--genjax-cpu-devices", type=int, default=1,
+        help="split the CPU into this many XLA devices on the genjax side",
+    )  # fmt: skip
+    p.add_argument(
+        "--genjax-mesh", default=None,
+        help="genjax decodes batches on this mesh, e.g. tensor=2 (single prompts: one device)",
+    )  # fmt: skip
     p.add_argument("--results", type=pathlib.Path, help="append a dated section to this file")
     return p.parse_args(argv)
 
@@ -344,7 +364,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from genjax.models import transformer
 
-    for name in ("reps", "new_tokens", "prompt_len", "threads"):
+    for name in ("reps", "new_tokens", "prompt_len", "threads", "genjax_cpu_devices"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.batches) < 1:
@@ -365,6 +385,8 @@ def main(argv=None) -> None:
         "new_tokens": args.new_tokens,
         "prompt_len": args.prompt_len,
         "threads": args.threads,
+        "genjax_cpu_devices": args.genjax_cpu_devices,
+        "genjax_mesh": args.genjax_mesh,
     }
     results = {side: run_side(side, spec) for side in dict.fromkeys(args.sides)}
 
@@ -378,7 +400,12 @@ def main(argv=None) -> None:
         f"after a first call; {args.threads} threads; compile = first call − median call "
         "(≈ 0, or slightly negative from noise, where a row reuses an earlier row's program)",
         "HF: LlamaForCausalLM.generate (SDPA attention, dynamic KV cache) under "
-        "torch.inference_mode(); genjax: genjax.sampling.decode.Decoder.generate",
+        "torch.inference_mode(); genjax: genjax.sampling.decode.Decoder.generate"
+        + (
+            f" on {args.genjax_cpu_devices} XLA CPU device(s), mesh {args.genjax_mesh} for batches"
+            if args.genjax_mesh
+            else " on one XLA CPU device"
+        ),
     ]
     if not all(r["peak_reset"] for r in results.values()):
         header.append("VmHWM could not be reset: each row's peak RSS includes the rows before it")
