@@ -318,6 +318,17 @@ def test_sampling_follows_truncated_distribution_chi_square(temperature, top_k, 
     assert p_value > 1e-3, (counts, expected * draws)
 
 
+def test_inverse_cdf_sampling_never_draws_a_zero_probability_token():
+    probs_V = np.array([0.0, 0.3, 0.0, 0.0, 0.7, 0.0], np.float32)  # zeros at both ends too
+    draws = 20_000
+    keys = jax.random.split(jax.random.key(1), draws)
+    tokens = decode.inverse_cdf_sample(jnp.broadcast_to(probs_V, (draws, 6)), keys)
+    counts = np.bincount(np.asarray(tokens), minlength=6)
+    assert counts[probs_V == 0].sum() == 0
+    _, p_value = stats.chisquare(counts[[1, 4]], [0.3 * draws, 0.7 * draws])
+    assert p_value > 1e-3, counts
+
+
 @pytest.mark.parametrize("top_k,top_p", [(0, 0.5), (40, 1.0), (100, 0.9), (1, 0.3), (0, 0.999)])
 def test_truncated_set_equals_sorting_reference_on_a_large_vocabulary(top_k, top_p):
     logits_BV = 3.0 * jax.random.normal(jax.random.key(top_k), (4, 4096))

@@ -29,8 +29,8 @@ included); the side's peak is the largest over its rows and its start-up.
 Hardware: a 2-core CPU. Expected time for the default run: about 4 minutes when the machine is
 lightly loaded (other jobs on the two cores slow both sides many-fold: check `uptime`). HF
 there ran at ≈ 220–300 new tokens/s at batch 1 and ≈ 950–1,200 at batch 16 (greedy; top-p
-≈ 180–250 and ≈ 750–950), TTFT ≈ 10–12 ms and ≈ 60–70 ms, depending on the machine. The issue's goal: genjax ≥ 3× HF's tokens/s at batch 1 and
-16, with peak memory ≤ HF's.
+≈ 180–250 and ≈ 750–950), TTFT ≈ 10–12 ms and ≈ 60–70 ms, depending on the machine. The
+issue's goal: genjax ≥ 3× HF's tokens/s at batch 1 and 16, with peak memory ≤ HF's.
 
 Needs the `bench` extra (torch, CPU build) and `transformers`.
 """

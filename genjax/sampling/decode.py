@@ -134,6 +134,22 @@ def truncate_logits(logits_BV: jax.Array, top_k: jax.Array, top_p: jax.Array) ->
     return jnp.where(p_keys_BV >= nucleus_B[:, None], logits_BV, -jnp.inf)
 
 
+def inverse_cdf_sample(probs_BV: jax.Array, keys_B: jax.Array) -> jax.Array:
+    """One token per row [B] (int32) drawn from ``probs_BV`` with one uniform per row:
+    the first token whose cumulative probability reaches u · total, u in (0, 1].
+
+    A zero-probability token is never drawn (its cumulative value equals the one
+    before it). Gumbel-max (``jax.random.categorical``) needs a random number per
+    vocabulary entry: 0.95 ms a step against 0.2 at batch 16, V 4096, 2-core CPU.
+    """
+    u_B = 1.0 - jax.vmap(jax.random.uniform)(keys_B)  # (0, 1]
+    cdf_BV = jnp.cumsum(probs_BV.astype(jnp.float32), axis=-1)
+    target_B1 = (u_B * cdf_BV[:, -1])[:, None]
+    return jnp.minimum(jnp.sum(cdf_BV < target_B1, axis=-1), probs_BV.shape[-1] - 1).astype(
+        jnp.int32
+    )
+
+
 def sample_logits(
     logits_BV: jax.Array,
     keys_B: jax.Array,
@@ -152,7 +168,7 @@ def sample_logits(
             lambda x: x,
             scaled_BV,
         )
-        return jax.vmap(jax.random.categorical)(keys_B, scaled_BV).astype(jnp.int32)
+        return inverse_cdf_sample(jax.nn.softmax(scaled_BV, axis=-1), keys_B)
 
     greedy = lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     return jax.lax.cond(temperature > 0, sample, greedy)
@@ -215,6 +231,9 @@ def _generate(
     def body(carry):
         step, logits_BV, cache, out_BN, done_B, window_BM, all_logits = carry
         step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
+        # Whole rows of logits on every device: top-k/top-p make 64 passes over
+        # the vocabulary, each a collective if it stayed split over `tensor`.
+        logits_BV = meshlib.constrain(logits_BV, ("batch", None))
         token_B = sample_logits(logits_BV, step_keys_B, temperature, top_k, top_p)
         token_B = jnp.where(done_B, _NO_TOKEN, token_B)
         out_BN = jax.lax.dynamic_update_index_in_dim(out_BN, token_B, step, 1)
