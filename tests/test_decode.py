@@ -117,20 +117,20 @@ def test_cached_attention_never_reads_blocks_past_the_last_query(T, static_slot)
     B, N, G, K, S = 2, 4, 2, 8, 16
     rng = np.random.default_rng(0)
     q = rng.standard_normal((B, T, N, K)).astype(np.float32)
-    k_BGKS = rng.standard_normal((B, G, K, S)).astype(np.float32)
+    k_BGSK = rng.standard_normal((B, G, S, K)).astype(np.float32)
     v_BGSK = rng.standard_normal((B, G, S, K)).astype(np.float32)
     start_B = jnp.array([0, 3])  # row 1 is left-padded by 3 slots
     starts = [0, 4, 8, 12]
 
     def attend(slot, k, v, block_starts):
         cuts = block_starts[1:]
-        k_blocks, v_blocks = tuple(np.split(k, cuts, axis=3)), tuple(np.split(v, cuts, axis=2))
+        k_blocks, v_blocks = tuple(np.split(k, cuts, axis=2)), tuple(np.split(v, cuts, axis=2))
         return transformer.cached_attention(q, k_blocks, v_blocks, slot, start_B, block_starts)
 
     for first in range(3, S - T + 1):
         unused = ((first + T - 1) // 4 + 1) * 4  # first slot of the first unused block
-        poisoned_k, poisoned_v = k_BGKS.copy(), v_BGSK.copy()
-        poisoned_k[..., unused:] = np.nan
+        poisoned_k, poisoned_v = k_BGSK.copy(), v_BGSK.copy()
+        poisoned_k[:, :, unused:] = np.nan
         poisoned_v[:, :, unused:] = np.nan
         if static_slot:
             out = attend(first, poisoned_k, poisoned_v, starts)
