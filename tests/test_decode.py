@@ -154,8 +154,9 @@ def test_single_prompt_logits_equal_full_recomputation(params, column_blocks, ca
     np.testing.assert_allclose(gen.logits[0], ref, atol=LOGIT_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("options", ["auto", {}], ids=["auto_options", "xla_defaults"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_decoding_loop_never_copies_the_cache(params, batch):
+def test_decoding_loop_never_copies_the_cache(params, batch, options):
     # XLA:CPU copied every cache buffer at each step when the batch axis was a
     # unit one; the compiled loop must update the buffers in place.
     P, G, K = 8, CFG.num_kv_heads, CFG.head_dim
@@ -164,9 +165,8 @@ def test_decoding_loop_never_copies_the_cache(params, batch):
     args += (np.int32(-1), decode._stop_array([]), np.bool_(False))
     weights = decode._decoding_layout(params, 1)
     hlo = (
-        decode._generate.lower(
-            CFG, weights, *args, max_new_tokens=NEW, return_logits=False, cache_block=None
-        )
+        decode.decoding_program(options)
+        .lower(CFG, weights, *args, max_new_tokens=NEW, return_logits=False, cache_block=None)
         .compile()
         .as_text()
     )
@@ -341,13 +341,33 @@ def test_truncated_set_equals_sorting_reference_on_a_large_vocabulary(top_k, top
 def test_changing_prompt_seed_or_sampling_values_does_not_recompile(params):
     generate = lambda prompts, **kw: decode.generate(CFG, params, prompts, max_new_tokens=NEW, **kw)
     generate([[2, 5, 6]])
-    compiled = decode._generate._cache_size()
+    program = decode.decoding_program()  # the one "auto" compile options give
+    compiled = program._cache_size()
     generate([[2, 9, 9, 9, 1]], seed=4)  # another prompt text, same padded length
     generate([[2, 5, 6]], sampling=decode.SamplingParams(temperature=0.8, top_k=7, top_p=0.5))
     generate([[2, 5, 6]], sampling=decode.SamplingParams(temperature=1.2), seed=9)
     generate([[2, 5, 6]], eos_id=3, stop_sequences=[[4, 4]])
     generate([[2, 5, 6]], on_token=lambda step, tokens: None)  # streaming
-    assert decode._generate._cache_size() == compiled
+    assert program._cache_size() == compiled
+
+
+def test_compile_options_change_memory_not_results(params):
+    # On a CPU "auto" drops XLA's MLIR fusion emitters (less compile memory);
+    # the decoded tokens and logits must not depend on it.
+    on_cpu = jax.default_backend() == "cpu"
+    assert decode.auto_compile_options() == (decode.CPU_COMPILE_OPTIONS if on_cpu else {})
+    assert decode.decoding_program("auto") is decode.decoding_program(decode.auto_compile_options())
+    kw = dict(max_new_tokens=NEW, return_logits=True)
+    tuned = decode.generate(CFG, params, PROMPTS, **kw)
+    default = decode.generate(CFG, params, PROMPTS, compile_options={}, **kw)
+    assert tuned.tokens == default.tokens
+    np.testing.assert_allclose(tuned.logits, default.logits, atol=2e-5)
+
+
+def test_compile_options_are_checked():
+    assert not decode._options_supported((("xla_cpu_no_such_option", True),))
+    with pytest.raises(ValueError, match="compile_options"):
+        decode.Decoder(CFG, {}, compile_options="fast")
 
 
 def test_stops_at_end_of_sequence_and_stop_sequences(params):

@@ -48,7 +48,7 @@ def compile_seconds(kind: str, num_layers: int) -> float:
         args += (np.int32(0), np.float32(1), np.int32(-1), np.full((4, 8), -1, np.int32))
         args += (np.bool_(False),)  # not streaming
         t0 = time.perf_counter()
-        decode._generate.lower(
+        decode.decoding_program().lower(
             cfg,
             params,
             *args,
