@@ -35,7 +35,9 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from lm_train_speed import append_section, results_section  # noqa: E402  (same folder)
+from lm_train_speed import report  # noqa: E402  (same folder)
+
+TITLE = "LM decoding: compile memory per XLA compile options"
 
 OPTION_SETS = ("auto", "xla")
 RESULT_TAG = "RESULT_JSON:"
@@ -201,13 +203,7 @@ def main(argv=None) -> None:
         "(prefill included); the same tokens from both"
     ]
     versions = {"python": platform.python_version(), "jax": jax.__version__}
-    section = results_section(
-        "LM decoding: compile memory per XLA compile options", __file__, argv, versions,
-        header, lines,
-    )  # fmt: skip
-    print("\n".join(section))
-    if args.results:
-        append_section(args.results, section)
+    report(TITLE, __file__, argv, versions, header, lines, args.results)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from lm_train_speed import append_section, results_section  # noqa: E402  (same folder)
+from lm_train_speed import report  # noqa: E402  (same folder)
+
+TITLE = "LM decoding: the parts of a batched step, XLA and torch"
 
 LAYERS, D, F, V, G, K = 6, 384, 1024, 4096, 6, 64
 # (in, out) of each matmul of a step: joined q/k/v, output, joined gate/up, down; the head.
@@ -165,13 +167,7 @@ def main(argv=None) -> None:
         f"{args.reps} calls; torch {torch.__version__} with {torch.get_num_threads()} threads"
     ]
     versions = {"python": platform.python_version(), "jax": jax.__version__}
-    section = results_section(
-        "LM decoding: the parts of a batched step, XLA and torch", __file__, argv, versions,
-        header, lines,
-    )  # fmt: skip
-    print("\n".join(section))
-    if args.results:
-        append_section(args.results, section)
+    report(TITLE, __file__, argv, versions, header, lines, args.results)
 
 
 if __name__ == "__main__":

@@ -328,6 +328,14 @@ def append_section(path: pathlib.Path, section: list[str]) -> None:
     print(f"appended to {path}")
 
 
+def report(title: str, script: str, argv, versions: dict, header, lines, results) -> None:
+    """Prints a ``results_section`` and appends it to ``results`` (a path) unless None."""
+    section = results_section(title, script, argv, versions, header, lines)
+    print("\n".join(section))
+    if results:
+        append_section(results, section)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cpu-small", help="genjax transformer preset")
