@@ -255,11 +255,12 @@ def _generate(
 
 
 # XLA:CPU compile options of the decoding programs. The MLIR fusion emitters
-# (XLA's default) need about twice the compile memory of the classic ones on a
-# decoding loop (cpu-small, peak RSS while compiling: batch 1 +169 against
-# +61 MB, batch 16 +160 against +89) and gain little at decoding shapes (batch 1
-# the same speed; batch 16 about 3% faster, in the cache writes); without them the
-# compile takes longer (batch 1 2.8 against 2.5 s, batch 16 4.4 against 2.9 s).
+# (XLA's default) take most of a decoding loop's compile memory (cpu-small, peak
+# RSS while compiling, experiments/benchmarks/decode_compile_memory.py: batch 1
+# +184 MB with them against +57 without, batch 16 +165 against +77) and gain
+# little at decoding shapes (batch 1 the same speed; batch 16 1.5-4% faster, in
+# the cache writes); without them the compile takes longer (batch 1 2.5 -> 2.8 s,
+# batch 16 2.9 -> 4.4 s).
 CPU_COMPILE_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
@@ -300,7 +301,13 @@ def decoding_program(compile_options: dict[str, object] | str = "auto"):
         compile_options = auto_compile_options()
     elif not isinstance(compile_options, dict):
         raise ValueError(f"compile_options={compile_options!r}: pass a dict or 'auto'")
-    return _generate_program(tuple(sorted(compile_options.items())))
+    options = tuple(sorted(compile_options.items()))
+    if options and not _options_supported(options):  # before any layout work or compile
+        raise ValueError(
+            f"compile_options={compile_options!r}: this jaxlib's XLA does not know one of "
+            "these options (names are XLA DebugOptions fields, e.g. xla_cpu_use_fusion_emitters)"
+        )
+    return _generate_program(options)
 
 
 def padded_prompt_len(longest: int) -> int:
