@@ -76,6 +76,30 @@ def test_exported_model_gives_transformers_the_same_logits(tmp_path, cfg):
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=LOGITS_ATOL)
 
 
+def test_batched_greedy_decoding_equals_transformers_generate_of_each_prompt(tmp_path):
+    """The whole decoding path (left padding, positions, KV cache, GQA, the loop)
+    against an independent implementation: one genjax batch of prompts of three
+    lengths, and transformers' greedy ``generate`` of each prompt alone."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from genjax.sampling import decode
+
+    params = _random_params(TINY)
+    hf.write_hf(tmp_path, TINY, params)
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, TINY.vocab_size, n).tolist() for n in (3, 11, 7)]
+    new = 16
+    ours = decode.generate(TINY, params, prompts, max_new_tokens=new).tokens
+    for prompt, tokens in zip(prompts, ours, strict=True):
+        with torch.inference_mode():
+            out = model.generate(
+                torch.tensor([prompt]), max_new_tokens=new, do_sample=False, pad_token_id=0
+            )
+        assert tokens == out[0, len(prompt) :].tolist()
+    assert len({tuple(t) for t in ours}) == len(prompts)  # not one degenerate repetition
+
+
 # ----------------------------------------------------------------------------- round trips
 
 
@@ -369,3 +393,29 @@ def test_cli_export_import_scores_and_resumes(trained_run, tmp_path, capsys):
     text = pathlib.Path(data.corpus[0]).read_text()
     hf_ids = transformers.AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]
     assert hf_ids == [tok_a.eos_id, *tok_a.encode(text)]
+
+
+def _load_parity_script():
+    path = ROOT / "experiments/benchmarks/trained_run_parity.py"
+    spec = importlib.util.spec_from_file_location("trained_run_parity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trained_run_parity_script_agrees_with_transformers(trained_run, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    module = _load_parity_script()
+    workdir, _ = trained_run
+    assert module.main(["--workdir", str(workdir), "--new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| True | True | ") == len(module.PROMPTS), out
+    assert "Nucleus at top-p 0.9 over " in out
+
+
+def test_nucleus_sizes_count_the_tokens_top_p_keeps():
+    nucleus_sizes = _load_parity_script().nucleus_sizes
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05], [0.97, 0.01, 0.01, 0.01]]))
+    np.testing.assert_array_equal(nucleus_sizes(logits, 0.9), [3, 1])
+    np.testing.assert_array_equal(nucleus_sizes(logits, 1.0), [4, 4])

@@ -52,11 +52,7 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from lm_train_speed import (  # noqa: E402  (same folder)
-    append_section,
-    peak_rss_mb,
-    results_section,
-)
+from lm_train_speed import peak_rss_mb, report  # noqa: E402  (same folder)
 
 SIDES = ("genjax", "hf")
 # Sampling settings per strategy, in genjax's terms (temperature 0 = greedy; top_k 0 = off).
@@ -409,12 +405,9 @@ def main(argv=None) -> None:
     ]
     if not all(r["peak_reset"] for r in results.values()):
         header.append("VmHWM could not be reset: each row's peak RSS includes the rows before it")
-    section = results_section(
-        "LM decoding throughput", __file__, argv, versions, header, tables(results)
+    report(
+        "LM decoding throughput", __file__, argv, versions, header, tables(results), args.results
     )
-    print("\n".join(section))
-    if args.results:
-        append_section(args.results, section)
 
 
 if __name__ == "__main__":
