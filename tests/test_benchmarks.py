@@ -1,5 +1,6 @@
 """Smoke tests of the decoding benchmarks: they run and print their tables."""
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -42,3 +43,26 @@ def test_decode_floors_benchmark_times_each_part_in_both():
     assert out.returncode == 0, out.stderr[-3000:]
     for row in ("| 25 weight matmuls, batch 2 |", "| attention over 16 slots, 6 layers |"):
         assert row in out.stdout, out.stdout
+
+
+def _accelerator_checks():
+    path = ROOT / "experiments/benchmarks/accelerator_checks.py"
+    spec = importlib.util.spec_from_file_location("accelerator_checks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accelerator_checks_print_their_plan_and_refuse_a_cpu(tmp_path, capsys):
+    checks = _accelerator_checks()
+    assert checks.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert [line.split(" ")[0] for line in plan] == ["tests", "train", "decode"]
+    assert "-m accelerator tests/" in plan[0]
+    assert "--preset 1b" in plan[1] and "remat_policy=dots" in plan[1]
+    assert "--preset 1b --sides genjax" in plan[2] and str(tmp_path / "RESULTS.md") in plan[2]
+    with pytest.raises(SystemExit, match="unknown or no steps"):
+        checks.main(["--dry-run", "--only", "tests,bogus"])
+    with pytest.raises(SystemExit, match="no accelerator"):  # the suite runs on CPU
+        checks.main(["--only", "tests", "--out", str(tmp_path)])
+    assert not (tmp_path / "tests.log").exists()  # refused before running anything

@@ -176,6 +176,7 @@ def run_genjax(spec: dict) -> dict:
     out = run_configs(make_call, spec)
     out["versions"] = {"jax": jax.__version__}
     out["params"] = transformer.count_params(cfg)["total"]
+    out["device"] = f"{jax.default_backend().upper()} ({jax.devices()[0].device_kind})"
     return out
 
 
@@ -389,19 +390,23 @@ def main(argv=None) -> None:
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     for r in results.values():
         versions.update(r["versions"])
+    device = results["genjax"]["device"] if "genjax" in results else "CPU"
+    where = (
+        f" on {args.genjax_cpu_devices} XLA CPU device(s), mesh {args.genjax_mesh} for batches"
+        if args.genjax_mesh
+        else " on one XLA CPU device"
+        if device.startswith("CPU")
+        else f" on one {device}"
+    )
     header = [
-        f"preset {args.preset!r}, {spec['expected_params']:,} params, float32, random weights; "
+        f"preset {args.preset!r}, {spec['expected_params']:,} params, {cfg.dtype} compute, "
+        f"{cfg.param_dtype} weights (random); "
         f"prompt {args.prompt_len} random tokens + {args.new_tokens} new tokens, no early stop; "
         f"greedy, top_p = top-p 0.9 at temperature 1.0 (no top-k); median of {args.reps} calls "
         f"after a first call; {args.threads} threads; compile = first call − median call "
         "(≈ 0, or slightly negative from noise, where a row reuses an earlier row's program)",
         "HF: LlamaForCausalLM.generate (SDPA attention, dynamic KV cache) under "
-        "torch.inference_mode(); genjax: genjax.sampling.decode.Decoder.generate"
-        + (
-            f" on {args.genjax_cpu_devices} XLA CPU device(s), mesh {args.genjax_mesh} for batches"
-            if args.genjax_mesh
-            else " on one XLA CPU device"
-        ),
+        "torch.inference_mode(); genjax: genjax.sampling.decode.Decoder.generate" + where,
     ]
     if not all(r["peak_reset"] for r in results.values()):
         header.append("VmHWM could not be reset: each row's peak RSS includes the rows before it")

@@ -1,0 +1,118 @@
+"""The accelerator items of the inference issue, as one prepared run on a GPU or TPU.
+
+What a CPU cannot measure, in the order to run it on a lent machine:
+
+1. tests: the accelerator-marked tests (`pytest -m accelerator`: cuDNN flash attention
+   against the XLA attention in bf16, forward and gradients);
+2. train: training throughput and MFU of the ~1B preset in bf16
+   (`lm_train_speed.py --preset 1b`, remat keeping the projections' outputs; the goal is
+   >= 50% of the bf16 matmul rate that the same command measures);
+3. decode: decoding throughput of the ~1B preset at batch 1 and 16, greedy and top-p
+   (`lm_decode_speed.py --preset 1b --sides genjax`).
+
+Each step runs in its own process with its own time limit; a step that fails or times out
+is reported and the next one still runs. Logs and a RESULTS.md with the steps' sections
+go to `--out`. Nothing is installed: the machine's own jax (with its accelerator plugin),
+flax, optax, orbax-checkpoint, grain, sentencepiece, chex and pytest are used, with the
+repository on PYTHONPATH.
+
+    python experiments/benchmarks/accelerator_checks.py --out "$OUT"           # about 7 min
+    python experiments/benchmarks/accelerator_checks.py --only tests,train     # a subset
+    python experiments/benchmarks/accelerator_checks.py --dry-run              # the commands
+
+Refuses to run on a CPU (the numbers would mean nothing), except with --dry-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BENCH = "experiments/benchmarks"
+
+
+def steps(out: pathlib.Path) -> dict[str, tuple[list[str], int]]:
+    """name -> (argv, time limit in seconds)."""
+    results = str(out / "RESULTS.md")
+    py = sys.executable
+    train = [py, f"{BENCH}/lm_train_speed.py", "--preset", "1b", "--sides", "genjax"]
+    train += ["--batch", "8", "--seq", "2048", "--steps", "5", "--reps", "3", "--warmup", "2"]
+    train += ["--set", "remat_policy=dots", "--results", results]
+    decode = [py, f"{BENCH}/lm_decode_speed.py", "--preset", "1b", "--sides", "genjax"]
+    decode += ["--reps", "3", "--results", results]
+    return {
+        "tests": ([py, "-m", "pytest", "-q", "-m", "accelerator", "tests/"], 150),
+        "train": (train, 300),
+        "decode": (decode, 300),
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path(os.environ.get("OUT", "/tmp/accelerator_checks")),
+        help="folder for the logs and RESULTS.md (default: $OUT or /tmp/accelerator_checks)",
+    )
+    p.add_argument("--only", default="tests,train,decode", help="comma-separated steps")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    plan = steps(args.out)
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in plan]
+    if unknown or not chosen:
+        raise SystemExit(f"--only: unknown or no steps {unknown}; choose from {list(plan)}")
+    if args.dry_run:
+        for name in chosen:
+            cmd, limit = plan[name]
+            print(f"{name} (limit {limit} s): {shlex.join(cmd)}")
+        return 0
+    import jax
+
+    backend = jax.default_backend()
+    if backend == "cpu":
+        raise SystemExit(
+            "no accelerator: jax.default_backend() is 'cpu'; run this on a GPU or TPU "
+            "machine (--dry-run prints the commands)"
+        )
+    print(f"devices: {jax.devices()}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # each step's child process shares the device
+    failed = []
+    for name in chosen:
+        cmd, limit = plan[name]
+        log = args.out / f"{name}.log"
+        t0 = time.perf_counter()
+        try:
+            with log.open("w") as f:
+                code = subprocess.run(
+                    cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=limit
+                ).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+        took = time.perf_counter() - t0
+        print(f"{name}: exit {code} in {took:.0f} s (log {log})", flush=True)
+        print("".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:]), flush=True)
+        if code != 0:
+            failed.append(name)
+    print(f"failed: {failed}" if failed else "all steps passed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
