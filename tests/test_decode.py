@@ -444,3 +444,27 @@ def test_bad_sampling_values():
         decode.SamplingParams(temperature=-1.0)
     with pytest.raises(ValueError, match="top_k"):
         decode.SamplingParams(top_k=-2)
+
+
+def test_decoder_returns_freed_heap_after_compiles_and_relayouts_only(params, monkeypatch):
+    trims = []
+    monkeypatch.setattr(decode, "release_free_heap", lambda: trims.append(1))
+    decoder = decode.Decoder(CFG, params, column_blocks=2)
+    decoder.generate([[2, 5, 6]], max_new_tokens=NEW)
+    assert len(trims) == 1  # compiled
+    decoder.generate(
+        [[2, 9, 9, 1]], max_new_tokens=NEW, seed=3, sampling=decode.SamplingParams(1.0)
+    )
+    assert len(trims) == 1  # same program, same layout
+    decoder.generate([[2, 5, 6], [7, 8]], max_new_tokens=NEW)
+    assert len(trims) == 2  # another program and the plain layout
+    decoder.generate([[2, 5, 6]], max_new_tokens=NEW)
+    assert len(trims) == 3  # a known program, but the column blocks laid out again
+    decoder.generate([[2, 5, 6]], max_new_tokens=NEW)
+    assert len(trims) == 3
+
+
+def test_release_free_heap_runs_with_or_without_malloc_trim(monkeypatch):
+    decode.release_free_heap()  # glibc here: malloc_trim(0)
+    monkeypatch.setattr(decode, "_MALLOC_TRIM", None)  # macOS, musl
+    decode.release_free_heap()

@@ -28,6 +28,7 @@ run on every core; several prompts use the plain layout.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import math
@@ -358,6 +359,23 @@ _relayout_layer = jax.jit(transformer.layer_with_column_blocks, static_argnums=1
 _relayout_head = jax.jit(transformer.head_with_column_blocks, static_argnums=1)
 
 
+# glibc's malloc_trim, where the C library has it (Linux with glibc; not macOS or musl).
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
+
+
+def release_free_heap() -> None:
+    """Hands the C heap's free pages back to the OS (glibc's ``malloc_trim``; else nothing).
+
+    Compiling a decoding program and laying the weights out again free large
+    transients, which glibc keeps mapped in the process: later calls then peak
+    on top of them. cpu-small, two XLA CPU devices, batch 1 then 16 (greedy
+    and top-p): peak RSS 724 MB without trimming, 598 MB trimming after each
+    call; ``Decoder`` trims only after a call that compiled or re-laid out.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def auto_column_blocks(cfg: transformer.Config) -> int:
     """One block of projection columns per CPU core on a CPU; 1 on accelerators.
 
@@ -446,6 +464,7 @@ class Decoder:
         with self._mesh(batch=2):
             self.params = _decoding_layout(params, first)
         self._layout = first  # of self.params
+        self._compiled: set[tuple] = set()  # call signatures this decoder has compiled
 
     @property
     def _multi_device(self) -> bool:
@@ -532,10 +551,15 @@ class Decoder:
                 else self.cache_block
             ),
         )
+        layout = self._layout
         weights = self._weights(B)
+        signature = (B, P, self._layout, args[7].shape, *static.values())
         with _listening(on_token), self._mesh(B):
             out_BN, steps, logits = self.program(cfg, weights, *args, **static)
             out_BN, steps = np.asarray(out_BN), int(steps)  # waits for the loop and callbacks
+        if signature not in self._compiled or layout != self._layout:
+            self._compiled.add(signature)
+            release_free_heap()  # the compile's (or relayout's) freed transients
         tokens, reasons = [], []
         for row in out_BN[:, :steps].tolist():
             new, reason = _cut(row, eos_id, stop_sequences)
