@@ -5,7 +5,9 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
+import jax
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -53,6 +55,7 @@ def _accelerator_checks():
     return module
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the refusal of a CPU")
 def test_accelerator_checks_print_their_plan_and_refuse_a_cpu(tmp_path, capsys):
     checks = _accelerator_checks()
     assert checks.main(["--dry-run", "--out", str(tmp_path)]) == 0
@@ -66,3 +69,19 @@ def test_accelerator_checks_print_their_plan_and_refuse_a_cpu(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no accelerator"):  # the suite runs on CPU
         checks.main(["--only", "tests", "--out", str(tmp_path)])
     assert not (tmp_path / "tests.log").exists()  # refused before running anything
+
+
+def test_accelerator_check_step_past_its_limit_is_killed_with_its_children(tmp_path):
+    checks = _accelerator_checks()
+    spawn = "import subprocess, time; print(subprocess.Popen(['sleep', '60']).pid, flush=True); "
+    spawn += "time.sleep(60)"
+    log = tmp_path / "step.log"
+    with log.open("w") as f:
+        t0 = time.perf_counter()
+        code = checks.run_step([sys.executable, "-c", spawn], dict(os.environ), f, limit=2)
+    assert code == "timeout" and time.perf_counter() - t0 < 30
+    grandchild = pathlib.Path(f"/proc/{int(log.read_text().split()[0])}/stat")
+    deadline = time.time() + 10
+    while grandchild.exists() and grandchild.read_text().split()[2] != "Z":
+        assert time.time() < deadline, "the step's child survived its step"
+        time.sleep(0.1)

@@ -90,14 +90,19 @@ def test_batched_greedy_decoding_equals_transformers_generate_of_each_prompt(tmp
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, TINY.vocab_size, n).tolist() for n in (3, 11, 7)]
     new = 16
-    ours = decode.generate(TINY, params, prompts, max_new_tokens=new).tokens
-    for prompt, tokens in zip(prompts, ours, strict=True):
+    eos = 2  # both stop there; genjax leaves it out of its tokens, transformers keeps it
+    ours = decode.generate(TINY, params, prompts, max_new_tokens=new, eos_id=eos)
+    for prompt, tokens, why in zip(prompts, ours.tokens, ours.finish_reasons, strict=True):
         with torch.inference_mode():
             out = model.generate(
-                torch.tensor([prompt]), max_new_tokens=new, do_sample=False, pad_token_id=0
+                torch.tensor([prompt]),
+                max_new_tokens=new,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=0,
             )
-        assert tokens == out[0, len(prompt) :].tolist()
-    assert len({tuple(t) for t in ours}) == len(prompts)  # not one degenerate repetition
+        assert tokens + ([eos] if why == "eos" else []) == out[0, len(prompt) :].tolist()
+    assert len({tuple(t) for t in ours.tokens}) == len(prompts)  # not one degenerate repetition
 
 
 # ----------------------------------------------------------------------------- round trips

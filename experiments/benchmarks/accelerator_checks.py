@@ -14,9 +14,11 @@ Each step runs in its own process with its own time limit; a step that fails or 
 is reported and the next one still runs. Logs and a RESULTS.md with the steps' sections
 go to `--out`. Nothing is installed: the machine's own jax (with its accelerator plugin),
 flax, optax, orbax-checkpoint, grain, sentencepiece, chex and pytest are used, with the
-repository on PYTHONPATH.
+repository on PYTHONPATH (torch is not needed). This process never opens the device
+itself (a child reports the backend), so each step has the whole accelerator; a step that
+runs past its limit is killed with its own children.
 
-    python experiments/benchmarks/accelerator_checks.py --out "$OUT"           # about 7 min
+    python experiments/benchmarks/accelerator_checks.py --out "$OUT"    # ~7 min, at most 590 s
     python experiments/benchmarks/accelerator_checks.py --only tests,train     # a subset
     python experiments/benchmarks/accelerator_checks.py --dry-run              # the commands
 
@@ -29,6 +31,7 @@ import argparse
 import os
 import pathlib
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -47,10 +50,34 @@ def steps(out: pathlib.Path) -> dict[str, tuple[list[str], int]]:
     decode = [py, f"{BENCH}/lm_decode_speed.py", "--preset", "1b", "--sides", "genjax"]
     decode += ["--reps", "3", "--results", results]
     return {
-        "tests": ([py, "-m", "pytest", "-q", "-m", "accelerator", "tests/"], 150),
-        "train": (train, 300),
-        "decode": (decode, 300),
+        "tests": ([py, "-m", "pytest", "-q", "-m", "accelerator", "tests/"], 120),
+        "train": (train, 270),
+        "decode": (decode, 200),
     }
+
+
+def device_report(env: dict[str, str]) -> tuple[str, str]:
+    """(jax's default backend, its devices), from a child process: on a TPU the process
+    that opens the device holds it, so this one must not."""
+    probe = "import jax; print(jax.default_backend()); print(jax.devices())"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    backend, devices = out.stdout.strip().splitlines()[-2:]
+    return backend, devices
+
+
+def run_step(cmd: list[str], env: dict[str, str], log, limit: int) -> int | str:
+    """The step's exit code, or "timeout" after killing its whole process group."""
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        return proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the benchmarks' per-side children too
+        proc.wait()
+        return "timeout"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,33 +105,27 @@ def main(argv=None) -> int:
             cmd, limit = plan[name]
             print(f"{name} (limit {limit} s): {shlex.join(cmd)}")
         return 0
-    import jax
-
-    backend = jax.default_backend()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    # The benchmarks run each side in a further process: none may hold 75% of a GPU.
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    backend, devices = device_report(env)
     if backend == "cpu":
         raise SystemExit(
             "no accelerator: jax.default_backend() is 'cpu'; run this on a GPU or TPU "
             "machine (--dry-run prints the commands)"
         )
-    print(f"devices: {jax.devices()}", flush=True)
+    print(f"devices: {devices}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # each step's child process shares the device
     failed = []
     for name in chosen:
         cmd, limit = plan[name]
         log = args.out / f"{name}.log"
         t0 = time.perf_counter()
-        try:
-            with log.open("w") as f:
-                code = subprocess.run(
-                    cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=limit
-                ).returncode
-        except subprocess.TimeoutExpired:
-            code = "timeout"
+        with log.open("w") as f:
+            code = run_step(cmd, env, f, limit)
         took = time.perf_counter() - t0
         print(f"{name}: exit {code} in {took:.0f} s (log {log})", flush=True)
         print("".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:]), flush=True)

@@ -335,6 +335,15 @@ def tables(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def genjax_devices(device: str, args: argparse.Namespace) -> str:
+    """Where the genjax side decoded, e.g. "one XLA CPU device"."""
+    kind = "XLA CPU" if device.startswith("CPU") else device
+    if not args.genjax_mesh:
+        return f"one {kind} device"
+    count = args.genjax_cpu_devices if kind == "XLA CPU" else "its"
+    return f"{count} {kind} device(s), mesh {args.genjax_mesh} for batches"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cpu-small", help="genjax transformer preset")
@@ -390,14 +399,6 @@ def main(argv=None) -> None:
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     for r in results.values():
         versions.update(r["versions"])
-    device = results["genjax"]["device"] if "genjax" in results else "CPU"
-    where = (
-        f" on {args.genjax_cpu_devices} XLA CPU device(s), mesh {args.genjax_mesh} for batches"
-        if args.genjax_mesh
-        else " on one XLA CPU device"
-        if device.startswith("CPU")
-        else f" on one {device}"
-    )
     header = [
         f"preset {args.preset!r}, {spec['expected_params']:,} params, {cfg.dtype} compute, "
         f"{cfg.param_dtype} weights (random); "
@@ -405,9 +406,17 @@ def main(argv=None) -> None:
         f"greedy, top_p = top-p 0.9 at temperature 1.0 (no top-k); median of {args.reps} calls "
         f"after a first call; {args.threads} threads; compile = first call − median call "
         "(≈ 0, or slightly negative from noise, where a row reuses an earlier row's program)",
-        "HF: LlamaForCausalLM.generate (SDPA attention, dynamic KV cache) under "
-        "torch.inference_mode(); genjax: genjax.sampling.decode.Decoder.generate" + where,
     ]
+    if "hf" in results:
+        header.append(
+            "HF: LlamaForCausalLM.generate (SDPA attention, dynamic KV cache) under "
+            "torch.inference_mode()"
+        )
+    if "genjax" in results:
+        header.append(
+            "genjax: genjax.sampling.decode.Decoder.generate on "
+            + genjax_devices(results["genjax"]["device"], args)
+        )
     if not all(r["peak_reset"] for r in results.values()):
         header.append("VmHWM could not be reset: each row's peak RSS includes the rows before it")
     report(

@@ -374,9 +374,11 @@ def main(argv=None) -> None:
     if args.preset == "cpu-small":
         assert flops_per_token(cfg, 256) == 76_707_072, "FLOP count disagrees with the docstring"
 
-    import torch_llama  # the peer's config: genjax's fields, minus the JAX-only ones
+    torch_fields = set()
+    if set(sides) - {"genjax"}:  # torch only where a torch side runs (not on a GPU machine)
+        import torch_llama  # the peer's config: genjax's fields, minus the JAX-only ones
 
-    torch_fields = {f.name for f in dataclasses.fields(torch_llama.Config)}
+        torch_fields = {f.name for f in dataclasses.fields(torch_llama.Config)}
     spec = {
         "preset": args.preset,
         "model_overrides": args.set,

@@ -51,8 +51,11 @@ def nucleus_sizes(logits_NV: np.ndarray, top_p: float) -> np.ndarray:
     to reach ``top_p`` (what top-p sampling keeps)."""
     z = logits_NV - logits_NV.max(-1, keepdims=True)
     probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    V = probs.shape[-1]
+    if top_p >= 1.0:  # everything, even where float32 sums reach 1 early
+        return np.full(probs.shape[:-1], V)
     cumulative = np.cumsum(-np.sort(-probs, axis=-1), axis=-1)
-    return np.minimum((cumulative < top_p).sum(-1) + 1, probs.shape[-1])
+    return np.minimum((cumulative < top_p).sum(-1) + 1, V)
 
 
 def check(workdir: str, new_tokens: int, top_p: float) -> dict:
@@ -81,6 +84,7 @@ def check(workdir: str, new_tokens: int, top_p: float) -> dict:
                     torch.tensor([prompt_ids]),
                     max_new_tokens=new_tokens,
                     do_sample=False,
+                    eos_token_id=tok.eos_id,
                     pad_token_id=tok.eos_id,
                 )
             theirs = out_ids[0, len(prompt_ids) :].tolist()

@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 import jax
@@ -359,8 +360,21 @@ _relayout_layer = jax.jit(transformer.layer_with_column_blocks, static_argnums=1
 _relayout_head = jax.jit(transformer.head_with_column_blocks, static_argnums=1)
 
 
-# glibc's malloc_trim, where the C library has it (Linux with glibc; not macOS or musl).
-_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
+def _find_malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library lacks it (macOS, musl, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+# Call signatures the decoding programs have compiled, across Decoders (the jit cache is too).
+_COMPILED: set[tuple] = set()
 
 
 def release_free_heap() -> None:
@@ -368,9 +382,10 @@ def release_free_heap() -> None:
 
     Compiling a decoding program and laying the weights out again free large
     transients, which glibc keeps mapped in the process: later calls then peak
-    on top of them. cpu-small, two XLA CPU devices, batch 1 then 16 (greedy
-    and top-p): peak RSS 724 MB without trimming, 598 MB trimming after each
-    call; ``Decoder`` trims only after a call that compiled or re-laid out.
+    on top of them. ``Decoder`` trims after a call that compiled or re-laid out
+    the weights (15-25 ms, after a compile of seconds): cpu-small peak RSS in
+    ``experiments/benchmarks/lm_decode_speed.py --reps 3`` 544 -> 507 MB on one
+    XLA CPU device, 728 -> 601 MB on two (RESULTS.md, 2026-12-02).
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
@@ -464,7 +479,6 @@ class Decoder:
         with self._mesh(batch=2):
             self.params = _decoding_layout(params, first)
         self._layout = first  # of self.params
-        self._compiled: set[tuple] = set()  # call signatures this decoder has compiled
 
     @property
     def _multi_device(self) -> bool:
@@ -553,12 +567,13 @@ class Decoder:
         )
         layout = self._layout
         weights = self._weights(B)
-        signature = (B, P, self._layout, args[7].shape, *static.values())
+        mesh = self.mesh if self._sharded(B) else None
+        signature = (self.program, cfg, mesh, B, P, self._layout, args[7].shape, *static.items())
         with _listening(on_token), self._mesh(B):
             out_BN, steps, logits = self.program(cfg, weights, *args, **static)
             out_BN, steps = np.asarray(out_BN), int(steps)  # waits for the loop and callbacks
-        if signature not in self._compiled or layout != self._layout:
-            self._compiled.add(signature)
+        if signature not in _COMPILED or layout != self._layout:
+            _COMPILED.add(signature)
             release_free_heap()  # the compile's (or relayout's) freed transients
         tokens, reasons = [], []
         for row in out_BN[:, :steps].tolist():
