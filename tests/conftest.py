@@ -1,6 +1,8 @@
 """Test setup: 8 fake CPU devices, set before JAX initializes."""
 
+import importlib.util
 import os
+import pathlib
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -17,3 +19,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "accelerator" in item.keywords and not on_accelerator:
             item.add_marker(skip)
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def load_script():
+    """Imports a script of the repository (a path from its root) as a module."""
+
+    def load(relative_path: str):
+        path = ROOT / relative_path
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,6 +1,5 @@
 """Smoke tests of the decoding benchmarks: they run and print their tables."""
 
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -11,6 +10,8 @@ import jax
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCH = "experiments/benchmarks"
+SCRIPTS = ("lm_train_speed.py", "lm_decode_speed.py")
 
 
 @pytest.mark.slow
@@ -47,17 +48,9 @@ def test_decode_floors_benchmark_times_each_part_in_both():
         assert row in out.stdout, out.stdout
 
 
-def _accelerator_checks():
-    path = ROOT / "experiments/benchmarks/accelerator_checks.py"
-    spec = importlib.util.spec_from_file_location("accelerator_checks", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the refusal of a CPU")
-def test_accelerator_checks_print_their_plan_and_refuse_a_cpu(tmp_path, capsys):
-    checks = _accelerator_checks()
+def test_accelerator_checks_print_their_plan_and_refuse_a_cpu(tmp_path, capsys, load_script):
+    checks = load_script("experiments/benchmarks/accelerator_checks.py")
     assert checks.main(["--dry-run", "--out", str(tmp_path)]) == 0
     plan = capsys.readouterr().out.splitlines()
     assert [line.split(" ")[0] for line in plan] == ["tests", "train", "decode"]
@@ -71,8 +64,8 @@ def test_accelerator_checks_print_their_plan_and_refuse_a_cpu(tmp_path, capsys):
     assert not (tmp_path / "tests.log").exists()  # refused before running anything
 
 
-def test_accelerator_check_step_past_its_limit_is_killed_with_its_children(tmp_path):
-    checks = _accelerator_checks()
+def test_accelerator_check_step_past_its_limit_is_killed_with_its_children(tmp_path, load_script):
+    checks = load_script("experiments/benchmarks/accelerator_checks.py")
     spawn = "import subprocess, time; print(subprocess.Popen(['sleep', '60']).pid, flush=True); "
     spawn += "time.sleep(60)"
     log = tmp_path / "step.log"
@@ -85,3 +78,23 @@ def test_accelerator_check_step_past_its_limit_is_killed_with_its_children(tmp_p
     while grandchild.exists() and grandchild.read_text().split()[2] != "Z":
         assert time.time() < deadline, "the step's child survived its step"
         time.sleep(0.1)
+
+
+def test_accelerator_checks_run_every_step_on_the_backend_found(tmp_path, load_script, capsys):
+    checks = load_script("experiments/benchmarks/accelerator_checks.py")
+    ran = []
+
+    def fake_step(cmd, env, log, limit):
+        ran.append((cmd, env["JAX_PLATFORMS"], env["XLA_PYTHON_CLIENT_PREALLOCATE"]))
+        return 1 if len(ran) == 1 else 0  # the first step fails; the others still run
+
+    checks.device_report = lambda env: ("gpu", "[CudaDevice(id=0)]")
+    checks.run_step = fake_step
+    assert checks.main(["--out", str(tmp_path)]) == 1
+    assert [cmd[2] if cmd[1] == "-m" else cmd[1] for cmd, _, _ in ran] == [
+        "pytest",
+        *(f"{BENCH}/{s}" for s in SCRIPTS),
+    ]
+    # conftest.py defaults JAX_PLATFORMS to cpu: without this the GPU tests would be skipped
+    assert {(platform, prealloc) for _, platform, prealloc in ran} == {("gpu", "false")}
+    assert "failed: ['tests']" in capsys.readouterr().out

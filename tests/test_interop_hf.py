@@ -2,7 +2,6 @@
 trips, the safetensors reader's defences, clear errors, and the CLI on a real run."""
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
 import shlex
@@ -340,16 +339,7 @@ def trained_run(tmp_path_factory) -> tuple[pathlib.Path, lm.PretrainConfig]:
     return workdir, cfg
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "lm_pretrain", ROOT / "experiments/lm_pretrain.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cli_export_import_scores_and_resumes(trained_run, tmp_path, capsys):
+def test_cli_export_import_scores_and_resumes(trained_run, tmp_path, capsys, load_script):
     workdir, cfg = trained_run
     hf_dir, new = tmp_path / "hf", tmp_path / "imported"
     assert hf.main(["export", "--workdir", str(workdir), "--out", str(hf_dir)]) == 0
@@ -385,7 +375,7 @@ def test_cli_export_import_scores_and_resumes(trained_run, tmp_path, capsys):
 
     # The printed command resumes it: the script's config matches the checkpoint's.
     command = next(line for line in printed.splitlines() if "lm_pretrain.py" in line)
-    script = _load_script()
+    script = load_script("experiments/lm_pretrain.py")
     argv = [*shlex.split(command)[2:], "--steps", "1"]  # after "python experiments/..."
     resumed_cfg = script.build_config(script.parse_args(argv))
     assert (resumed_cfg.model, resumed_cfg.data) == (model_b, data)
@@ -400,18 +390,10 @@ def test_cli_export_import_scores_and_resumes(trained_run, tmp_path, capsys):
     assert hf_ids == [tok_a.eos_id, *tok_a.encode(text)]
 
 
-def _load_parity_script():
-    path = ROOT / "experiments/benchmarks/trained_run_parity.py"
-    spec = importlib.util.spec_from_file_location("trained_run_parity", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_trained_run_parity_script_agrees_with_transformers(trained_run, capsys):
+def test_trained_run_parity_script_agrees_with_transformers(trained_run, capsys, load_script):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    module = _load_parity_script()
+    module = load_script("experiments/benchmarks/trained_run_parity.py")
     workdir, _ = trained_run
     assert module.main(["--workdir", str(workdir), "--new-tokens", "8"]) == 0
     out = capsys.readouterr().out
@@ -419,8 +401,8 @@ def test_trained_run_parity_script_agrees_with_transformers(trained_run, capsys)
     assert "Nucleus at top-p 0.9 over " in out
 
 
-def test_nucleus_sizes_count_the_tokens_top_p_keeps():
-    nucleus_sizes = _load_parity_script().nucleus_sizes
+def test_nucleus_sizes_count_the_tokens_top_p_keeps(load_script):
+    nucleus_sizes = load_script("experiments/benchmarks/trained_run_parity.py").nucleus_sizes
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05], [0.97, 0.01, 0.01, 0.01]]))
     np.testing.assert_array_equal(nucleus_sizes(logits, 0.9), [3, 1])
     np.testing.assert_array_equal(nucleus_sizes(logits, 1.0), [4, 4])

@@ -1,7 +1,6 @@
 """Text generation (genjax.sampling.text) and the sampling CLI on a real trained run."""
 
 import dataclasses
-import importlib.util
 import os
 import pathlib
 import re
@@ -34,13 +33,6 @@ def run(tmp_path_factory):
     return workdir, model_cfg, params, tokenizer
 
 
-def _sample_script():
-    spec = importlib.util.spec_from_file_location("lm_sample", ROOT / "experiments/lm_sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 SAMPLING = SamplingParams(temperature=1.0, top_p=0.95)
 
 
@@ -62,10 +54,10 @@ def test_streamed_text_equals_returned_text_and_stop_strings_cut(run):
         assert "".join(pieces[row]) == cut[row]
 
 
-def test_cli_streams_one_prompt(run, capsys):
+def test_cli_streams_one_prompt(run, capsys, load_script):
     workdir, cfg, params, tok = run
     prompt = "class Decoder:"
-    code = _sample_script().main(
+    code = load_script("experiments/lm_sample.py").main(
         ["--workdir", str(workdir), "--prompt", prompt, "--max-new-tokens", "20"]
     )
     assert code == 0
@@ -73,13 +65,15 @@ def test_cli_streams_one_prompt(run, capsys):
     assert capsys.readouterr().out == prompt + expected + "\n"
 
 
-def test_cli_batch_from_prompts_file(run, tmp_path, capsys):
+def test_cli_batch_from_prompts_file(run, tmp_path, capsys, load_script):
     workdir = run[0]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def a():\\n    return\nimport json\n\n")
     args = ["--workdir", str(workdir), "--prompts-file", str(prompts), "--num-samples", "2"]
     args += ["--max-new-tokens", "16"]
-    code = _sample_script().main([*args, "--temperature", "0.9", "--top-k", "20", "--seed", "3"])
+    code = load_script("experiments/lm_sample.py").main(
+        [*args, "--temperature", "0.9", "--top-k", "20", "--seed", "3"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     headers = [line for line in out.splitlines() if line.startswith("### ")]
@@ -99,8 +93,8 @@ def test_cli_batch_from_prompts_file(run, tmp_path, capsys):
         (["--prompt", "x", "--cpu-devices", "0"], "cpu-devices=0 must be >= 1"),
     ],
 )
-def test_cli_bad_input_is_a_clear_error(run, capsys, extra, match):
-    code = _sample_script().main(["--workdir", str(run[0]), *extra])
+def test_cli_bad_input_is_a_clear_error(run, capsys, extra, match, load_script):
+    code = load_script("experiments/lm_sample.py").main(["--workdir", str(run[0]), *extra])
     assert code == 2
     assert re.search(match, capsys.readouterr().err)
 
@@ -121,15 +115,19 @@ def test_cli_batch_over_two_cpu_devices_equals_one_device(run, tmp_path):
     assert two.stdout == one.stdout and "### prompt 1" in one.stdout
 
 
-def test_cli_prompts_file_not_utf8(run, tmp_path, capsys):
+def test_cli_prompts_file_not_utf8(run, tmp_path, capsys, load_script):
     bad = tmp_path / "prompts.txt"
     bad.write_bytes(b"def f():\xff\n")
-    code = _sample_script().main(["--workdir", str(run[0]), "--prompts-file", str(bad)])
+    code = load_script("experiments/lm_sample.py").main(
+        ["--workdir", str(run[0]), "--prompts-file", str(bad)]
+    )
     assert code == 2
     assert "cannot read --prompts-file" in capsys.readouterr().err
 
 
-def test_cli_without_checkpoint(tmp_path, capsys):
-    code = _sample_script().main(["--workdir", str(tmp_path), "--prompt", "x"])
+def test_cli_without_checkpoint(tmp_path, capsys, load_script):
+    code = load_script("experiments/lm_sample.py").main(
+        ["--workdir", str(tmp_path), "--prompt", "x"]
+    )
     assert code == 2
     assert "no checkpoint" in capsys.readouterr().err

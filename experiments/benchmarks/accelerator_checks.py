@@ -118,6 +118,8 @@ def main(argv=None) -> int:
             "machine (--dry-run prints the commands)"
         )
     print(f"devices: {devices}", flush=True)
+    # tests/conftest.py defaults JAX_PLATFORMS to cpu: the steps must run on this backend.
+    env["JAX_PLATFORMS"] = backend
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []
     for name in chosen:
