@@ -25,6 +25,7 @@ import jax
 
 from genjax import lm
 from genjax import mesh as meshlib
+from genjax.checkpoint import CheckpointError
 from genjax.models import transformer
 from genjax.sampling import SamplingParams, generate_text
 
@@ -84,13 +85,20 @@ def main(argv=None) -> int:
         if args.num_samples < 1:
             raise ValueError(f"--num-samples={args.num_samples} must be >= 1")
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-        cfg, params, tokenizer, _, step = lm.load_for_scoring(args.workdir)
+        loaded = lm.load(args.workdir)
+        cfg, params, tokenizer, step = (
+            loaded.cfg.model,
+            loaded.params,
+            loaded.tokenizer,
+            loaded.step,
+        )
         mesh = None
         if args.mesh:
             mesh = meshlib.make_mesh(args.mesh)
             axes = transformer.param_axes(cfg)
-            params = jax.device_put(params, meshlib.tree_shardings(axes, params, mesh))
-    except (FileNotFoundError, ValueError) as e:
+            shardings = meshlib.tree_shardings(axes, params, mesh, transformer.RULES)
+            params = jax.device_put(params, shardings)
+    except (OSError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = [p for p in prompts for _ in range(args.num_samples)]

@@ -14,23 +14,36 @@ is removed when the next `Checkpointer` opens the directory).
 
 `restore` checks the saved config against this run's before reading any
 tensor, then tries the newest step and falls back to older ones if a step is
-corrupt, so a damaged checkpoint costs progress, not the run.
+corrupt, so a damaged checkpoint costs progress, not the run. A step-0
+checkpoint may carry no data position (a run started from given parameters,
+``run.start``): nothing has been read yet, so the iterator starts at the beginning.
 """
 
 import json
 import os
+import pathlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
 
 _MISSING = "<missing>"
+# Characters of an error's first line kept in a skip warning.
+_REASON_CHARS = 120
 
 
-class ConfigMismatchError(ValueError):
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+class ConfigMismatchError(CheckpointError, ValueError):
     """The checkpoint was written by a run with a different (compared) config."""
+
+
+class UnrestorableError(CheckpointError, RuntimeError):
+    """Checkpoints exist but none of them could be read."""
 
 
 class Checkpointer:
@@ -45,6 +58,7 @@ class Checkpointer:
         save_every: int | None = None,
         async_save: bool = True,
         compare_keys: Sequence[str] = ("model",),
+        normalize: Callable[[dict], dict] | None = None,
     ):
         """Opens (or creates) `directory`.
 
@@ -55,6 +69,9 @@ class Checkpointer:
             saves (end of run, signals) and preemption saves.
           async_save: write in the background (False: `save` blocks until written).
           compare_keys: top-level config keys that must match a checkpoint to restore it.
+          normalize: maps a saved config to this code's form before comparing (fields
+            added since it was written take their defaults), e.g. a round trip
+            through the config dataclass; may raise ValueError for an unreadable one.
         """
         # orbax needs absolute paths (a relative one fails in its background commit).
         self.directory = os.path.abspath(os.fspath(directory))
@@ -63,6 +80,7 @@ class Checkpointer:
         self.config = json.loads(json.dumps(config))
         self.save_every = save_every
         self.compare_keys = tuple(compare_keys)
+        self._normalize = normalize or (lambda config: config)
         # Steps this object found unrestorable; `save` may replace them.
         self._corrupt_steps: set[int] = set()
         # (step, due): JAX's preemption check must run once per step, not per call.
@@ -128,30 +146,37 @@ class Checkpointer:
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding`:
         arrays are read straight into those shardings. `data_iterator` is set to
         the saved position in place. Raises ConfigMismatchError (before reading
-        any tensor) if the compared config keys differ, and RuntimeError if
-        checkpoints exist but none can be restored.
+        any tensor) if the compared config keys differ, and UnrestorableError if
+        checkpoints exist but none can be restored. Steps skipped on the way are
+        named in one warning with the step restored.
         """
         self._manager.wait_until_finished()
         steps = sorted(self._manager.all_steps(), reverse=True)
         if not steps:
             return None
-        failures = []
-        for i, step in enumerate(steps):
+        failures: list[tuple[int, str]] = []
+        for step in steps:
             try:
                 saved_config = self._read_config(step)
             except Exception as e:
-                self._skip(step, e, failures, has_older=i + 1 < len(steps))
+                failures.append(self._skip(step, e))
                 continue
             # Outside the try: a mismatch is the user's to fix, not a reason to fall back.
             self._check_config(saved_config, step)
             try:
                 state = self._restore_items(step, abstract_state, data_iterator)
             except Exception as e:
-                self._skip(step, e, failures, has_older=i + 1 < len(steps))
+                failures.append(self._skip(step, e))
                 continue
+            if failures:
+                skipped = "; ".join(f"step {s} ({reason})" for s, reason in failures)
+                warnings.warn(
+                    f"skipped checkpoint {skipped} in {self.directory}: restored step {step}",
+                    stacklevel=2,
+                )
             return state, step
         reasons = "\n".join(f"  step {s}: {r}" for s, r in failures)
-        raise RuntimeError(
+        raise UnrestorableError(
             f"no checkpoint in {self.directory} could be restored:\n{reasons}\n"
             "If every step fails the same way, the state being restored into probably "
             "differs from the saved one (another optimizer or model)."
@@ -202,6 +227,13 @@ class Checkpointer:
         return self._manager.restore(step, args=args)["config"]
 
     def _check_config(self, saved: dict, step: int) -> None:
+        try:
+            saved = self._normalize(saved)
+        except ValueError as e:
+            raise ConfigMismatchError(
+                f"checkpoint step {step} in {self.directory} has a config this code cannot "
+                f"read ({e}); use a fresh --workdir"
+            ) from None
         diffs = config_diff(saved, self.config, self.compare_keys)
         if diffs:
             lines = "\n".join(f"  {d}" for d in diffs)
@@ -214,21 +246,21 @@ class Checkpointer:
     def _restore_items(self, step: int, abstract_state: Any, data_iterator) -> Any:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            has_position = (pathlib.Path(self.directory) / str(step) / "data").is_dir()
+            if has_position:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            elif step != 0:  # only a run that has read nothing may lack a position
+                raise FileNotFoundError("data iterator position missing")
         return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
-    def _skip(self, step: int, error: Exception, failures: list, *, has_older: bool) -> None:
-        """Records a step that would not restore and warns that it is skipped."""
+    def _skip(self, step: int, error: Exception) -> tuple[int, str]:
+        """Marks a step that would not restore; returns (step, why in a few words)."""
         # tensorstore errors carry a full JSON spec after the first line.
         first_line = (str(error).splitlines() or [""])[0]
-        reason = f"{type(error).__name__}: {first_line[:300]}"
-        failures.append((step, reason))
+        if len(first_line) > _REASON_CHARS:
+            first_line = first_line[: _REASON_CHARS - 1] + "…"
         self._corrupt_steps.add(step)
-        then = "falling back to the previous one" if has_older else "no older checkpoint left"
-        warnings.warn(
-            f"skipping checkpoint step {step} in {self.directory}: {reason}; {then}",
-            stacklevel=3,
-        )
+        return step, f"{type(error).__name__}: {first_line}"
 
 
 def config_diff(saved: dict, current: dict, keys: Sequence[str]) -> list[str]:

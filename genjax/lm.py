@@ -1,31 +1,30 @@
-"""Language-model pre-training, wired from the shared parts.
+"""The language-model family: pre-training on text, on the shared run layer.
 
-corpus files → sentencepiece → packed rows → grain iterator (per process)
-→ global sharded batches → jitted step → orbax checkpoints; validation and
-``genjax.score`` report bits per byte.
+corpus files → sentencepiece → packed rows → grain iterator (per process) → the
+run layer (global sharded batches, the jitted step, checkpoints, logs);
+validation and ``genjax.score`` report bits per byte. ``FAMILY`` is what
+``experiments/lm_pretrain.py`` hands to ``run.main``; ``load`` reads a run back
+for scoring, sampling and export.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import math
 import pathlib
-import time
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from genjax import config as configlib
 from genjax import evaluate as evallib
 from genjax import mesh as meshlib
-from genjax import train
-from genjax.checkpoint import Checkpointer
+from genjax import run, train
 from genjax.data import corpus as corpuslib
 from genjax.data import text as textlib
-from genjax.metrics_log import MetricsLogger
 from genjax.models import transformer
 from genjax.tokenizer import Tokenizer
 
@@ -34,7 +33,7 @@ from genjax.tokenizer import Tokenizer
 class DataConfig:
     corpus: tuple[str, ...] = ()  # files or folders of text; empty = this Python's stdlib
     val_fraction: float = 0.02  # share of modules held out for validation
-    seq_len: int = 256  # tokens per training row (the model's context)
+    seq_len: int = 256  # tokens per training row; follows model.max_seq_len unless set
     global_batch_size: int = 16  # rows per optimizer step, summed over processes
     seed: int = 0  # shuffle seed
 
@@ -46,21 +45,15 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
-    steps: int = 400  # optimizer steps in total (a resumed run continues to this)
-    checkpoint_every: int = 50  # steps between checkpoints
-    keep_checkpoints: int = 3  # newest checkpoints kept on disk
-    log_every: int = 10  # steps between metrics.jsonl records
-    eval_every: int = 0  # steps between validation passes; 0 = only at the end
-    mesh: str = "data=-1"  # device mesh, e.g. "data=2,fsdp=2,tensor=2"
-    seed: int = 0  # parameter init and per-step RNG
+class SampleConfig:
+    """The samples printed at the end of a run: greedy, and drawn at temperature
+    with top-p (greedy decoding of a small model tends to loop)."""
 
-    def __post_init__(self):
-        for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"run config: {name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_every < 0:
-            raise ValueError(f"run config: eval_every must be >= 0, got {self.eval_every}")
+    prompt: str = "def fibonacci(n):\n"
+    tokens: int = 120  # new tokens per sample (at most half the context); 0 = none
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +61,30 @@ class PretrainConfig:
     model: transformer.Config = dataclasses.field(default_factory=transformer.Config)
     optim: train.OptimConfig = dataclasses.field(default_factory=train.OptimConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    run: run.RunConfig = dataclasses.field(default_factory=run.RunConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+
+
+# Peak LR 1e-3: at 400 steps cpu-small reached 1.750 validation bits/byte against
+# 1.871 at 3e-4 (experiments/benchmarks/RESULTS.md).
+PRESETS = {
+    name: PretrainConfig(model=model, optim=train.OptimConfig(lr=1e-3))
+    for name, model in transformer.PRESETS.items()
+}
+
+
+def complete(cfg: PretrainConfig, explicit: frozenset[str]) -> PretrainConfig:
+    """Fields that follow others unless set: rows fill the model's context, and the
+    schedule spans the run (warm-up at most a tenth of it)."""
+    data, optim = cfg.data, cfg.optim
+    if "data.seq_len" not in explicit:
+        data = dataclasses.replace(data, seq_len=cfg.model.max_seq_len)
+    if "optim.total_steps" not in explicit:
+        optim = dataclasses.replace(optim, total_steps=cfg.run.steps)
+    if "optim.warmup_steps" not in explicit:
+        warmup = min(optim.warmup_steps, max(cfg.run.steps // 10, 1))
+        optim = dataclasses.replace(optim, warmup_steps=warmup)
+    return dataclasses.replace(cfg, data=data, optim=optim)
 
 
 # ----------------------------------------------------------------------------- data
@@ -125,11 +141,6 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def global_batches(local_iter: Iterator[dict], mesh) -> Iterator[dict[str, jax.Array]]:
-    for local in local_iter:
-        yield meshlib.global_batch(local, mesh)
-
-
 # ----------------------------------------------------------------------------- scoring
 
 
@@ -178,15 +189,7 @@ def bits_per_byte(cfg: transformer.Config, params, scoring: ScoringSet) -> dict[
     }
 
 
-# ----------------------------------------------------------------------------- run
-
-
-def _lm_loss(cfg: transformer.Config):
-    def loss_fn(params, batch, *, key):
-        del key  # no dropout in this model
-        return transformer.loss(cfg, params, batch)
-
-    return loss_fn
+# ----------------------------------------------------------------------------- the family
 
 
 def make_optimizer(cfg: PretrainConfig):
@@ -194,22 +197,25 @@ def make_optimizer(cfg: PretrainConfig):
     return train.make_optimizer(cfg.optim, decay_mask=lambda _: mask)
 
 
-def build_state(cfg: PretrainConfig, mesh):
-    """Optimizer, sharded train state and the jitted step for this config."""
-    optimizer = make_optimizer(cfg)
-    state, shardings = train.create_train_state(
-        lambda key: transformer.init(cfg.model, key),
-        transformer.param_axes(cfg.model),
-        optimizer,
-        mesh,
-        seed=cfg.run.seed,
-    )
-    step_fn = train.make_train_step(_lm_loss(cfg.model), optimizer, cfg.optim)
-    return state, shardings, train.jit_train_step(step_fn, shardings, mesh)
+def init_from_params(cfg: PretrainConfig, params, key: jax.Array) -> train.TrainState:
+    rng = jax.random.key_data(jax.random.fold_in(key, 1))
+    return train.TrainState(jnp.zeros((), jnp.int32), params, make_optimizer(cfg).init(params), rng)
 
 
-def validate(cfg: PretrainConfig, mesh) -> None:
-    """Everything that can be wrong with a config, checked before any compile."""
+def init(cfg: PretrainConfig, key: jax.Array) -> train.TrainState:
+    return init_from_params(cfg, transformer.init(cfg.model, jax.random.fold_in(key, 0)), key)
+
+
+def make_step(cfg: PretrainConfig):
+    def loss_fn(params, batch, *, key):
+        del key  # no dropout in this model
+        return transformer.loss(cfg.model, params, batch)
+
+    return train.make_train_step(loss_fn, make_optimizer(cfg), cfg.optim)
+
+
+def check(cfg: PretrainConfig, mesh) -> None:
+    """What can be wrong with an LM config on a mesh, before any compile."""
     meshlib.check_batch_size(cfg.data.global_batch_size, mesh)
     meshlib.check_process_batch_layout(cfg.data.global_batch_size, mesh)
     if cfg.data.seq_len > cfg.model.max_seq_len:
@@ -223,21 +229,11 @@ def validate(cfg: PretrainConfig, mesh) -> None:
             f"optim.grad_accum={cfg.optim.grad_accum} does not divide the per-device batch "
             f"{per_device} (global {cfg.data.global_batch_size}, {local} per process)"
         )
-    meshlib.tree_shardings(
-        transformer.param_axes(cfg.model), transformer.abstract_params(cfg.model), mesh
-    )
 
 
-@dataclasses.dataclass
-class PreparedData:
-    tokenizer: Tokenizer
-    rows: np.ndarray  # packed training rows [N, seq_len + 1]
-    train_iterator: Any  # grain DatasetIterator of this process's batches (checkpointed)
-    validation: ScoringSet | None
-
-
-def prepare_data(cfg: PretrainConfig, workdir: pathlib.Path) -> PreparedData:
-    """Corpus → tokenizer (trained once) → packed rows (cached) → this process's iterator."""
+def data(cfg: PretrainConfig, workdir: pathlib.Path) -> run.Data:
+    """Corpus → tokenizer (trained once) → packed rows (cached) → this process's
+    iterator; validation bits per byte and the closing samples."""
     train_files, val_files = corpus_split(cfg.data)
     tok = load_or_train_tokenizer(workdir, train_files, cfg.model.vocab_size)
     tokens = textlib.prepare_corpus(tok, train_files, cache_dir=workdir / "data")
@@ -251,111 +247,93 @@ def prepare_data(cfg: PretrainConfig, workdir: pathlib.Path) -> PreparedData:
     )
     val_texts = [t for _, t in corpuslib.read_texts(val_files)] if val_files else []
     validation = scoring_set(tok, val_texts, seq_len=cfg.data.seq_len) if val_texts else None
-    return PreparedData(tok, rows, iterator, validation)
 
-
-def make_checkpointer(cfg: PretrainConfig, workdir: pathlib.Path) -> Checkpointer:
-    """The run's checkpointer; everything that writes a run's checkpoints uses it."""
-    return Checkpointer(
-        workdir / "checkpoints",
-        config=configlib.to_dict(cfg),
-        keep=cfg.run.keep_checkpoints,
-        save_every=cfg.run.checkpoint_every,
-        # A resumed iterator is only meaningful over the same data pipeline.
-        compare_keys=("model", "data"),
-    )
-
-
-def pretrain(cfg: PretrainConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Trains (or resumes) a language model in ``workdir``; returns final metrics."""
-    workdir = pathlib.Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise ValueError(f"--workdir {workdir} exists and is not a directory")
-    workdir.mkdir(parents=True, exist_ok=True)
-    mesh = meshlib.make_mesh(cfg.run.mesh)
-    validate(cfg, mesh)
-    checkpointer = make_checkpointer(cfg, workdir)
-    try:
-        checkpointer.check_config()  # refuse another run's checkpoints before any work
-        return _pretrain(cfg, workdir, mesh, checkpointer)
-    finally:
-        checkpointer.close()  # an in-flight async save completes even on error
-
-
-def _pretrain(cfg: PretrainConfig, workdir: pathlib.Path, mesh, checkpointer) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    data = prepare_data(cfg, workdir)
-    prep_s = time.perf_counter() - t0
-
-    state, shardings, step_fn = build_state(cfg, mesh)
-    abstract = jax.tree.map(
-        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state, shardings
-    )
-    restored = checkpointer.restore(abstract, data.train_iterator)
-    if restored is not None:
-        state, step = restored
-        print(f"resumed from step {step} in {checkpointer.directory}", flush=True)
-
-    def eval_fn(s: train.TrainState) -> dict[str, float]:
+    def evaluate(state: train.TrainState) -> dict[str, float]:
         return {
-            "val_bits_per_byte": bits_per_byte(cfg.model, s.params, data.validation)[
-                "bits_per_byte"
-            ]
+            "val_bits_per_byte": bits_per_byte(cfg.model, state.params, validation)["bits_per_byte"]
         }
 
-    with MetricsLogger(
-        workdir, total_steps=cfg.run.steps, start_step=int(jax.device_get(state.step))
-    ) as logger:
-        logger.write(
-            f"{transformer.count_params(cfg.model)['total']:,} parameters · mesh "
-            f"{dict(mesh.shape)} · {len(data.rows):,} training rows of {cfg.data.seq_len} "
-            f"tokens · data prepared in {prep_s:.1f}s"
-        )
-        result = train.fit(
-            state,
-            step_fn,
-            global_batches(data.train_iterator, mesh),
-            num_steps=cfg.run.steps,
-            checkpointer=checkpointer,
-            data_iterator=data.train_iterator,
-            logger=logger,
-            log_every=cfg.run.log_every,
-            tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len,
-            eval_fn=eval_fn if (data.validation and cfg.run.eval_every) else None,
-            eval_every=cfg.run.eval_every,
-        )
-        summary: dict[str, Any] = {
-            "step": int(jax.device_get(result.state.step)),
-            "stopped_by": result.stopped_by_signal,
-            "state": result.state,
-            "tokenizer": data.tokenizer,
-        }
-        if result.stopped_by_signal is None and data.validation:
-            summary.update(eval_fn(result.state))
-            logger.log(summary["step"], {"val_bits_per_byte": summary["val_bits_per_byte"]})
-    return summary
+    def finish(state: train.TrainState, metrics: dict[str, float]) -> None:
+        if "val_bits_per_byte" in metrics:
+            print(f"validation bits/byte: {metrics['val_bits_per_byte']:.4f}")
+        if cfg.sample.tokens and jax.process_count() == 1:
+            print_samples(cfg, state.params, tok)
 
-
-def load_for_scoring(workdir: str | pathlib.Path):
-    """(model config, params, tokenizer, seq_len, step) from the newest checkpoint."""
-    workdir = pathlib.Path(workdir)
-    ckpt_dir = workdir / "checkpoints"
-    saved = None
-    if ckpt_dir.is_dir():
-        with Checkpointer(ckpt_dir, config={}, compare_keys=()) as probe:
-            saved = probe.saved_config()
-    if saved is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {ckpt_dir}; train first with experiments/lm_pretrain.py"
-        )
-    cfg = configlib.from_dict(PretrainConfig, saved)
-    abstract, _ = train.abstract_train_state(
-        lambda key: transformer.init(cfg.model, key),
-        transformer.param_axes(cfg.model),
-        make_optimizer(cfg),
-        meshlib.make_mesh("data=-1"),
+    return run.Data(
+        batches=iterator,
+        evaluate=evaluate if validation else None,
+        finish=finish,
+        describe=f"{len(rows):,} training rows of {cfg.data.seq_len} tokens",
+        throughput=("tokens", cfg.data.global_batch_size * cfg.data.seq_len),
     )
-    with Checkpointer(ckpt_dir, config=saved) as checkpointer:
-        state, step = checkpointer.restore(abstract)
-    tok = Tokenizer.load(workdir / "tokenizer.model")
-    return cfg.model, state.params, tok, cfg.data.seq_len, step
+
+
+def print_samples(cfg: PretrainConfig, params, tok: Tokenizer) -> None:
+    """The closing samples: greedy, then at temperature with top-p."""
+    from genjax.sampling import SamplingParams, generate_text
+
+    s = cfg.sample
+    max_new = min(s.tokens, cfg.model.max_seq_len // 2)
+    drawn = SamplingParams(temperature=s.temperature, top_p=s.top_p)
+    for title, sampling in [
+        ("greedy", SamplingParams()),
+        (f"temperature {s.temperature}, top-p {s.top_p}", drawn),
+    ]:
+        [text] = generate_text(
+            cfg.model,
+            params,
+            tok,
+            [s.prompt],
+            max_new_tokens=max_new,
+            sampling=sampling,
+            seed=s.seed,
+        )
+        print(f"sample ({title}):\n{s.prompt}{text}")
+
+
+def _add_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--corpus", nargs="+", help="files or folders to train on (default: Python stdlib)"
+    )
+    p.add_argument("--sample-tokens", type=int, help="tokens of each closing sample (0: none)")
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    flags = []
+    if args.corpus:
+        flags.append(f"data.corpus={tuple(args.corpus)!r}")
+    if args.sample_tokens is not None:
+        flags.append(f"sample.tokens={args.sample_tokens}")
+    return flags
+
+
+FAMILY = run.Family(
+    name="lm",
+    presets=PRESETS,
+    default_preset="cpu-small",
+    init=init,
+    init_from_params=init_from_params,
+    param_axes=lambda cfg: {"params": transformer.param_axes(cfg.model)},
+    rules=transformer.RULES,
+    step=make_step,
+    data=data,
+    check=check,
+    complete=complete,
+    add_flags=_add_flags,
+    flag_overrides=_flag_overrides,
+)
+
+
+@dataclasses.dataclass
+class Loaded:
+    cfg: PretrainConfig
+    params: dict  # the newest checkpoint's parameters, replicated over this process's devices
+    tokenizer: Tokenizer
+    step: int
+
+
+def load(workdir: str | pathlib.Path) -> Loaded:
+    """The newest checkpoint of an LM run, for scoring, sampling and export."""
+    loaded = run.load(workdir, FAMILY)
+    tok = Tokenizer.load(pathlib.Path(workdir) / "tokenizer.model")
+    return Loaded(loaded.cfg, loaded.state.params, tok, loaded.step)

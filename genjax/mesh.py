@@ -1,13 +1,18 @@
-"""Device meshes, logical-axis sharding rules, and multi-host set-up.
+"""Device meshes, logical-axis sharding, and multi-host set-up.
 
-Every parameter is created with logical axis names (``("embed", "mlp")``);
-``RULES`` maps each logical name to a mesh axis. Data parallel, FSDP and tensor
-parallel are then only mesh specs over the same code:
+Every parameter is created with logical axis names (``("embed", "mlp")``), and
+each model brings its own rules table mapping those names to mesh axes
+(``transformer.RULES``). Data parallel, FSDP and tensor parallel are then only
+mesh specs over the same code:
 
     data=8                   pure data parallel
     fsdp=8                   parameters and optimizer state sharded over 8 devices
     tensor=8                 heads / MLP hidden / vocabulary split over 8 devices
     data=2,fsdp=2,tensor=2   all three
+
+Batches are the run layer's, not a model's: their leading axis is always split
+over ``BATCH_AXES`` (data and fsdp), so every family's data reaches the devices
+the same way.
 
 Meshes use ``AxisType.Auto``: shardings are declared on parameters, batches and
 a few activations, and GSPMD propagates the rest. Explicit axes would make every
@@ -25,21 +30,11 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# The mesh axes a batch's leading axis is split over, for every family.
+BATCH_AXES = ("data", "fsdp")
 
-# Logical axis -> mesh axis (or axes, or None for replicated).
-RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "mlp": "tensor",
-    "layers": None,
-    "norm": None,
-    "seq": None,
-    "act_embed": None,
-}
+# A model's table: logical axis -> mesh axis, several mesh axes, or None (replicated).
+Rules = Mapping[str, str | tuple[str, ...] | None]
 
 
 def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
@@ -94,10 +89,8 @@ def make_mesh(spec: str = "data=-1", devices: Sequence[jax.Device] | None = None
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def logical_to_spec(
-    logical_axes: Sequence[str | None], rules: Mapping[str, Any] = RULES
-) -> PartitionSpec:
-    """Maps logical axis names to a PartitionSpec; a mesh axis may be used once."""
+def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec by ``rules``; a mesh axis is used once."""
     used: set[str] = set()
     spec = []
     for name in logical_axes:
@@ -105,6 +98,11 @@ def logical_to_spec(
             raise KeyError(f"logical axis {name!r} has no rule; known: {sorted(rules)}")
         target = None if name is None else rules[name]
         axes = (target,) if isinstance(target, str) else tuple(target or ())
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown:
+            raise ValueError(
+                f"rule {name!r} -> {target!r} names mesh axes {unknown}; mesh axes are {MESH_AXES}"
+            )
         axes = tuple(a for a in axes if a not in used)  # first use of a mesh axis wins
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
@@ -122,9 +120,7 @@ def _is_axes(x: Any) -> bool:
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
-def tree_shardings(
-    axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Mapping[str, Any] = RULES
-) -> Any:
+def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedShardings for a tree of logical axes; checks every sharded dim divides evenly."""
 
     def one(path, axes, shape):
@@ -150,12 +146,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh, rank: int = 2) -> NamedSharding:
-    """Leading (batch) dimension split over the data-parallel axes, the rest replicated."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (rank - 1)))
+    """Leading (batch) dimension split over ``BATCH_AXES``, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *(None,) * (rank - 1)))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-    return _axis_size(mesh, RULES["batch"])
+    return _axis_size(mesh, BATCH_AXES)
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
@@ -197,15 +193,23 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
     }
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+def in_mesh_context() -> bool:
+    """Whether code is traced under a genjax mesh (``jax.set_mesh``) and outside any
+    shard_map, where sharding constraints and per-shard kernels apply."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return (
+        not mesh.empty
+        and set(MESH_AXES) <= set(mesh.axis_names)
+        and not any(t == AxisType.Manual for t in mesh.axis_types)
+    )
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules) -> jax.Array:
     """Sharding constraint on an activation; a no-op outside a genjax mesh context
     and inside shard_map (manual axes, e.g. evaluation over a 1-D device mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    if not in_mesh_context():
         return x
-    if any(t == AxisType.Manual for t in mesh.axis_types):
-        return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules))
 
 
 def initialize_distributed(

@@ -13,6 +13,7 @@ import pathlib
 import sys
 
 from genjax import lm
+from genjax.checkpoint import CheckpointError
 
 
 def main(argv=None) -> int:
@@ -29,17 +30,19 @@ def main(argv=None) -> int:
             print(f"error: cannot score {path}: {e}", file=sys.stderr)
             return 2
     try:
-        model_cfg, params, tok, seq_len, step = lm.load_for_scoring(args.workdir)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        run = lm.load(args.workdir)
+    except (OSError, ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    cfg, tok = run.cfg, run.tokenizer
     total_bits = total_bytes = 0.0
     for path, text in zip(args.files, texts, strict=True):
-        r = lm.bits_per_byte(model_cfg, params, lm.scoring_set(tok, [text], seq_len=seq_len))
+        scoring = lm.scoring_set(tok, [text], seq_len=cfg.data.seq_len)
+        r = lm.bits_per_byte(cfg.model, run.params, scoring)
         total_bits += r["bits"]
         total_bytes += r["bytes"]
         print(f"{path}\t{r['bytes']} bytes\t{r['bits_per_byte']:.4f} bits/byte")
-    print(f"checkpoint step {step}: {len(texts)} files, {int(total_bytes)} bytes")
+    print(f"checkpoint step {run.step}: {len(texts)} files, {int(total_bytes)} bytes")
     print(f"bits_per_byte={total_bits / max(total_bytes, 1):.6f}")
     return 0
 

@@ -1,24 +1,25 @@
-"""The training runtime every model family shares.
+"""Training pieces every family shares: optimizers, gradient accumulation, EMA,
+and sharded state for any state pytree.
 
-``TrainState`` is a small named pytree; a step is ``(state, batch) -> (state,
-metrics)``, jitted once with explicit shardings and the state donated; per-step
-randomness is ``fold_in(state.rng, state.step)`` so a restored run replays
-exactly. ``fit`` drives any such step: logging, checkpoints, SIGTERM/SIGINT,
-and stopping on a non-finite loss before it can reach a checkpoint.
+A family's state is a small named pytree with a ``step`` field: ``TrainState``
+for one model with one optimizer (the LM, SFT, a VAE); a GAN, a diffusion model
+or PPO name their own fields. ``state_shardings`` shards any of them from the
+logical axes of its parameter trees alone, and ``create_state`` creates the
+state sharded from the start (abstract shapes → shardings → ``jit(init,
+out_shardings)``), so no device ever holds a whole model. A step is a pure
+``(state, batch) -> (state, metrics)``, jitted once by ``jit_train_step`` with
+the state donated; its randomness is ``step_key(state)``, so a restored run
+replays exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import signal
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -33,6 +34,9 @@ class TrainState(NamedTuple):
     params: Any  # model parameters, a pure pytree
     opt_state: optax.OptState  # optimizer moments etc., sharded like params
     rng: jax.Array  # uint32 key data of the run's base key; step keys are fold_in(rng, step)
+
+
+# ----------------------------------------------------------------------------- optimizers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,41 +91,70 @@ def make_optimizer(
     return optax.chain(clip, adamw)
 
 
+# ----------------------------------------------------------------------------- step pieces
+
+
+def step_key(state: Any) -> jax.Array:
+    """This step's key: ``fold_in(run key, step)``, the same on every replay of the step."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def accumulate_gradients(
+    grad_fn: Callable[..., tuple[tuple[jax.Array, Any], Any]],
+    params: Any,
+    batch: Batch,
+    *,
+    micro_batches: int,
+    key: jax.Array,
+) -> tuple[jax.Array, Any]:
+    """Mean loss and gradients over ``micro_batches`` slices of ``batch``, in one scan.
+
+    ``grad_fn(params, batch, key=) -> ((loss, aux), grads)`` is ``jax.value_and_grad``
+    of a loss with aux. Micro-batch i takes rows i, i+A, i+2A, ... and the key
+    ``fold_in(key, i)``: every data shard holds its share of each micro-batch, so
+    the scan never reshards. With one micro-batch this is ``grad_fn`` itself.
+    """
+    if micro_batches == 1:
+        (loss, _), grads = grad_fn(params, batch, key=key)
+        return loss, grads
+    micro = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(
+            0, 1
+        ),
+        batch,
+    )
+
+    def add_one(carry, xs):
+        i, mb = xs
+        (loss_i, _), grads_i = grad_fn(params, mb, key=jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+
+    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+    total, _ = jax.lax.scan(add_one, zeros, (jnp.arange(micro_batches), micro))
+    return jax.tree.map(lambda x: x / micro_batches, total)
+
+
+def ema_update(ema: Any, params: Any, decay: float | jax.Array) -> Any:
+    """``decay · ema + (1 − decay) · params``, leaf by leaf, in the EMA's dtype."""
+    return jax.tree.map(
+        lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype), ema, params
+    )
+
+
 def make_train_step(
     loss_fn: Callable[..., tuple[jax.Array, dict]],
     optimizer: optax.GradientTransformation,
     cfg: OptimConfig,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """A pure step. ``loss_fn(params, batch, *, key) -> (loss, aux)``.
-
-    With ``grad_accum = A`` the batch is split into A micro-batches along its
-    leading axis and their gradients averaged inside one compiled scan.
-    """
+    """The step of a ``TrainState``: one optimizer update of ``loss_fn(params, batch, *,
+    key) -> (loss, aux)``, gradients accumulated over ``cfg.grad_accum`` micro-batches."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     schedule = make_schedule(cfg)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        if cfg.grad_accum == 1:
-            (loss, _), grads = grad_fn(state.params, batch, key=key)
-        else:
-            # Micro-batch i takes rows i, i+A, i+2A, ...: every data shard holds
-            # its share of each micro-batch, so the scan never reshards.
-            micro = jax.tree.map(
-                lambda x: x.reshape(
-                    x.shape[0] // cfg.grad_accum, cfg.grad_accum, *x.shape[1:]
-                ).swapaxes(0, 1),
-                batch,
-            )
-
-            def accumulate(carry, xs):
-                i, mb = xs
-                (loss_i, _), g_i = grad_fn(state.params, mb, key=jax.random.fold_in(key, i))
-                return jax.tree.map(jnp.add, carry, (loss_i, g_i)), None
-
-            zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-            (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(cfg.grad_accum), micro))
-            loss, grads = jax.tree.map(lambda x: x / cfg.grad_accum, (loss, grads))
+        loss, grads = accumulate_gradients(
+            grad_fn, state.params, batch, micro_batches=cfg.grad_accum, key=step_key(state)
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
@@ -133,71 +166,73 @@ def make_train_step(
 # ----------------------------------------------------------------------------- sharded state
 
 
+def follow_params(tree: Any, params: Mapping[str, tuple[Any, Any]], mesh: Mesh) -> Any:
+    """Shardings for ``tree``: every subtree with the structure and shapes of one of
+    ``params`` (name -> (abstract tree, its shardings)) is sharded like it, every other
+    leaf replicated. So optimizer moments, EMA copies and frozen references follow
+    their parameters, whatever optimizer made them."""
+    signatures = {
+        name: (jax.tree.structure(abstract), [x.shape for x in jax.tree.leaves(abstract)])
+        for name, (abstract, _) in params.items()
+    }
+
+    def matches(x: Any) -> list[str]:
+        structure = jax.tree.structure(x)
+        shapes = [getattr(leaf, "shape", None) for leaf in jax.tree.leaves(x)]
+        return [name for name, sig in signatures.items() if sig == (structure, shapes)]
+
+    def shard(x: Any) -> Any:
+        names = matches(x)
+        if not names:
+            return meshlib.replicated(mesh)
+        shardings = [params[name][1] for name in names]
+        if any(s != shardings[0] for s in shardings[1:]):
+            raise ValueError(
+                f"a state subtree has the shapes of parameters {names}, which are sharded "
+                "differently; give those parameter trees different shapes or the same axes"
+            )
+        return shardings[0]
+
+    return jax.tree.map(shard, tree, is_leaf=lambda x: bool(matches(x)))
+
+
 def state_shardings(
-    abstract_state: TrainState,
-    param_shardings: Any,
-    optimizer: optax.GradientTransformation,
+    abstract_state: Any, mesh: Mesh, rules: meshlib.Rules, param_axes: Mapping[str, Any]
+) -> Any:
+    """Shardings of a family's state: ``param_axes`` maps the names of its parameter
+    fields to their logical axes; the rest follows them (``follow_params``)."""
+    params = {}
+    for name, axes in param_axes.items():
+        abstract = getattr(abstract_state, name)
+        params[name] = (abstract, meshlib.tree_shardings(axes, abstract, mesh, rules))
+    return follow_params(abstract_state, params, mesh)
+
+
+def abstract_state(
+    init: Callable[..., Any],
     mesh: Mesh,
-) -> TrainState:
-    """Optimizer moments follow their parameters; everything else is replicated."""
-    opt_shardings = optax.tree_map_params(
-        optimizer,
-        lambda _, sharding: sharding,
-        abstract_state.opt_state,
-        param_shardings,
-        transform_non_params=lambda _: meshlib.replicated(mesh),
-    )
-    rep = meshlib.replicated(mesh)
-    return TrainState(step=rep, params=param_shardings, opt_state=opt_shardings, rng=rep)
-
-
-def _init_fn(init_params, optimizer, seed: int) -> Callable[[], TrainState]:
-    def init() -> TrainState:
-        key = jax.random.key(seed)
-        params = init_params(jax.random.fold_in(key, 0))
-        rng = jax.random.key_data(jax.random.fold_in(key, 1))
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
-
-    return init
-
-
-def abstract_train_state(
-    init_params: Callable[[jax.Array], Any],
-    param_axes: Any,
-    optimizer: optax.GradientTransformation,
-    mesh: Mesh,
-    *,
-    seed: int = 0,
-) -> tuple[TrainState, TrainState]:
-    """``(abstract state, shardings)``: ShapeDtypeStructs that carry their shardings
-    (what a checkpoint restores into, never materialized) and the shardings."""
-    abstract = jax.eval_shape(_init_fn(init_params, optimizer, seed))
-    param_sh = meshlib.tree_shardings(param_axes, abstract.params, mesh)
-    shardings = state_shardings(abstract, param_sh, optimizer, mesh)
-    with_sharding = jax.tree.map(
+    rules: meshlib.Rules,
+    param_axes: Mapping[str, Any],
+    *args: Any,
+) -> tuple[Any, Any]:
+    """``(abstract state, shardings)`` of ``init(*args)``: ShapeDtypeStructs that carry
+    their shardings (what a checkpoint restores into; nothing is computed) and the
+    shardings themselves."""
+    abstract = jax.eval_shape(init, *args)
+    shardings = state_shardings(abstract, mesh, rules, param_axes)
+    with_shardings = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings
     )
-    return with_sharding, shardings
+    return with_shardings, shardings
 
 
-def create_train_state(
-    init_params: Callable[[jax.Array], Any],
-    param_axes: Any,
-    optimizer: optax.GradientTransformation,
-    mesh: Mesh,
-    *,
-    seed: int,
-) -> tuple[TrainState, TrainState]:
-    """Creates the state sharded from the start: abstract shapes → shardings →
-    ``jit(init, out_shardings)``, so no device ever holds the whole model.
-    Returns ``(state, shardings)``."""
-    _, shardings = abstract_train_state(init_params, param_axes, optimizer, mesh, seed=seed)
+def create_state(init: Callable[..., Any], shardings: Any, mesh: Mesh, *args: Any) -> Any:
+    """``init(*args)`` created sharded from the start: ``jit(init, out_shardings)``."""
     with jax.set_mesh(mesh):
-        state = jax.jit(_init_fn(init_params, optimizer, seed), out_shardings=shardings)()
-    return state, shardings
+        return jax.jit(init, out_shardings=shardings)(*args)
 
 
-def jit_train_step(step_fn, shardings: TrainState, mesh: Mesh):
+def jit_train_step(step_fn, shardings: Any, mesh: Mesh):
     """Jits the step once: state in/out with its shardings and donated; the batch
     keeps the sharding it was assembled with (see ``mesh.global_batch``)."""
     jitted = jax.jit(
@@ -213,129 +248,3 @@ def jit_train_step(step_fn, shardings: TrainState, mesh: Mesh):
 
     run.jitted = jitted
     return run
-
-
-# ----------------------------------------------------------------------------- the loop
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
-
-
-@dataclasses.dataclass
-class FitResult:
-    state: TrainState
-    stopped_by_signal: str | None = None  # "SIGTERM" / "SIGINT" when interrupted
-
-
-class _StopSignals:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        if jax.process_count() > 1:
-            # One process's flag would split the processes across steps and hang
-            # their collectives. Multi-host runs stop at JAX's preemption sync
-            # point instead (Checkpointer.should_save saves there).
-            return self
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _check_finite(step: int, metrics: Metrics, last_checkpoint: int | None) -> dict[str, float]:
-    host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-    # A finite loss with non-finite gradients still writes NaN parameters.
-    bad = {k: host[k] for k in ("loss", "grad_norm") if k in host and not math.isfinite(host[k])}
-    if bad:
-        kept = f"step {last_checkpoint}" if last_checkpoint is not None else "none yet"
-        what = ", ".join(f"{k} is {v}" for k, v in bad.items())
-        raise NonFiniteLossError(
-            f"{what} at step {step}; stopping. The last good checkpoint "
-            f"({kept}) is untouched. Lower the learning rate or raise warm-up, then re-run "
-            f"to resume from it."
-        )
-    return host
-
-
-def fit(
-    state: TrainState,
-    train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
-    batches: Iterable[Batch],
-    *,
-    num_steps: int,
-    checkpointer=None,
-    data_iterator=None,
-    logger=None,
-    log_every: int = 10,
-    tokens_per_step: int | None = None,
-    eval_fn: Callable[[TrainState], dict[str, float]] | None = None,
-    eval_every: int | None = None,
-) -> FitResult:
-    """Runs ``train_step`` until ``state.step == num_steps``.
-
-    Metrics of step s are fetched after step s+1 is dispatched, so the host never
-    stalls the device; on checkpoint steps the loss is checked before saving, so
-    a non-finite loss never reaches disk. ``data_iterator`` is the checkpointable
-    iterator behind ``batches``; batches are not prefetched past it.
-    """
-    step = int(jax.device_get(state.step))
-    last_saved = checkpointer.latest_step() if checkpointer else None
-    batch_iter: Iterator[Batch] = iter(batches)
-    pending: tuple[int, Metrics] | None = None
-    window_start, window_steps = time.perf_counter(), 0
-
-    def report(s: int, metrics: Metrics) -> None:
-        nonlocal window_start, window_steps
-        host = _check_finite(s, metrics, last_saved)
-        if logger is not None and (s % log_every == 0 or s == num_steps):
-            elapsed = time.perf_counter() - window_start
-            if tokens_per_step and window_steps:
-                host["tokens_per_s"] = tokens_per_step * window_steps / elapsed
-            host["steps_per_s"] = window_steps / elapsed if window_steps else 0.0
-            logger.log(s, host)
-            window_start, window_steps = time.perf_counter(), 0
-
-    with _StopSignals() as signals:
-        while step < num_steps and signals.received is None:
-            state, metrics = train_step(state, next(batch_iter))
-            step += 1
-            window_steps += 1
-            if pending is not None:
-                report(*pending)
-            pending = (step, metrics)
-            if logger is not None:
-                logger.advance()
-            if checkpointer is not None and checkpointer.should_save(step):
-                report(*pending)
-                pending = None
-                checkpointer.save(step, state, data_iterator)
-                last_saved = step
-            if eval_fn is not None and eval_every and step % eval_every == 0:
-                if logger is not None:
-                    logger.log(step, eval_fn(state))
-        if pending is not None:
-            report(*pending)
-        if checkpointer is not None and (signals.received or step == num_steps):
-            if last_saved != step:
-                checkpointer.save(step, state, data_iterator, force=True)
-            checkpointer.wait()
-    if signals.received and logger is not None:
-        logger.write(
-            f"{signals.received} received: saved a checkpoint at step {step}; "
-            f"re-run the same command to resume."
-        )
-    return FitResult(state, signals.received)

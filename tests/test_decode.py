@@ -3,7 +3,6 @@
 import dataclasses
 import math
 import os
-import platform
 import re
 
 import jax
@@ -14,7 +13,8 @@ from scipy import stats
 
 from genjax import mesh as meshlib
 from genjax.models import transformer
-from genjax.sampling import decode
+from genjax.nn.layers import einsum
+from genjax.sampling import decode, kv_cache, layouts, strategies
 
 # init_std 0.1: logits spread enough that argmax ties and near-ties do not occur.
 CFG = dataclasses.replace(transformer.get_preset("tiny"), init_std=0.1)
@@ -65,7 +65,7 @@ def test_cached_logits_equal_full_recomputation_at_every_step(params, scan_layer
 def test_blocked_cache_equals_full_recomputation_and_one_block(params):
     # 16 prompt slots + 10 new in blocks of 4: the prefill writes across four
     # blocks, and each step reads the 5th..7th block only once it is reached.
-    assert transformer.cache_block_sizes(16 + NEW, 4) == [4] * 6 + [2]
+    assert kv_cache.cache_block_sizes(16 + NEW, 4) == [4] * 6 + [2]
     sampling = decode.SamplingParams(temperature=1.0, top_p=0.9)
     kw = dict(max_new_tokens=NEW, sampling=sampling, seed=3, return_logits=True)
     blocked = decode.generate(CFG, params, PROMPTS, cache_block=4, **kw)
@@ -82,7 +82,7 @@ def test_blocked_cache_equals_full_recomputation_and_one_block(params):
      (50, 64, [50]), (65, 64, [64, 1])],
 )  # fmt: skip
 def test_cache_block_sizes(slots, block, sizes):
-    assert transformer.cache_block_sizes(slots, block) == sizes
+    assert kv_cache.cache_block_sizes(slots, block) == sizes
 
 
 def test_write_window_writes_exactly_the_overlap():
@@ -95,15 +95,15 @@ def test_write_window_writes_exactly_the_overlap():
             for t in range(T):
                 if 0 <= offset + t < n:
                     want[:, offset + t] = new[:, t]
-            got = transformer._write_window(jnp.asarray(buf), jnp.asarray(new), offset, axis=1)
+            got = kv_cache._write_window(jnp.asarray(buf), jnp.asarray(new), offset, axis=1)
             np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
 
 
 def test_auto_cache_block_blocks_only_large_caches_on_cpu():
     small = transformer.get_preset("cpu-small")
     on_cpu = jax.default_backend() == "cpu"
-    assert decode.auto_cache_block(small, 16, 256) == (128 if on_cpu else None)  # 75 MB
-    assert decode.auto_cache_block(small, 2, 256) is None  # 9 MB
+    assert layouts.auto_cache_block(small, 16, 256) == (128 if on_cpu else None)  # 75 MB
+    assert layouts.auto_cache_block(small, 2, 256) is None  # 9 MB
     for bad in (0, -4, True, "halves"):
         with pytest.raises(ValueError, match="cache_block"):
             decode.Decoder(CFG, {}, cache_block=bad)
@@ -126,7 +126,7 @@ def test_cached_attention_never_reads_blocks_past_the_last_query(T, static_slot)
     def attend(slot, k, v, block_starts):
         cuts = block_starts[1:]
         k_blocks, v_blocks = tuple(np.split(k, cuts, axis=2)), tuple(np.split(v, cuts, axis=2))
-        return transformer.cached_attention(q, k_blocks, v_blocks, slot, start_B, block_starts)
+        return kv_cache.cached_attention(q, k_blocks, v_blocks, slot, start_B, block_starts)
 
     for first in range(3, S - T + 1):
         unused = ((first + T - 1) // 4 + 1) * 4  # first slot of the first unused block
@@ -164,9 +164,9 @@ def test_decoding_loop_never_copies_the_cache(params, batch, options):
     args = (np.zeros((batch, P), np.int32), np.zeros(batch, np.int32))
     args += (np.zeros(batch, np.uint32), np.float32(0), np.int32(0), np.float32(1))
     args += (np.int32(-1), decode._stop_array([]), np.bool_(False))
-    weights = decode._decoding_layout(params, 1)
+    weights = layouts.DecodingWeights(CFG, params, None, column_blocks=1).params
     hlo = (
-        decode.decoding_program(options)
+        decode._generate_program(layouts.compile_options(options))
         .lower(CFG, weights, *args, max_new_tokens=NEW, return_logits=False, cache_block=None)
         .compile()
         .as_text()
@@ -186,23 +186,23 @@ def test_column_blocks_apply_and_merge_exactly():
     x_BTNK = jnp.asarray(rng.standard_normal((3, 2, 4, 8)), jnp.float32)
     w_NKD = jnp.asarray(rng.standard_normal((4, 8, 6)), jnp.float32)
     w_NKF = jnp.asarray(rng.standard_normal((4, 8, 10)), jnp.float32)
-    blocks = transformer.ColumnBlocks.of([w_NKD, w_NKF], in_dims=2, blocks=4)
+    blocks = layouts.ColumnBlocks.of([w_NKD, w_NKF], in_dims=2, blocks=4)
     assert blocks.w_SIO.shape == (4, 32, 4)  # 6 + 10 columns in 4 blocks
     for got, w in zip(blocks.merged(), (w_NKD, w_NKF), strict=True):
         np.testing.assert_array_equal(got, w)
-    for got, w in zip(blocks.apply(x_BTNK), (w_NKD, w_NKF), strict=True):
-        np.testing.assert_allclose(got, transformer.dense(x_BTNK, w, in_dims=2), atol=1e-5)
+    for got, w in zip(blocks.project(x_BTNK), (w_NKD, w_NKF), strict=True):
+        np.testing.assert_allclose(got, einsum("BTNK,NKD->BTD", x_BTNK, w), atol=1e-5)
     with pytest.raises(ValueError, match="16 output columns do not split into 3 blocks"):
-        transformer.ColumnBlocks.of([w_NKD, w_NKF], in_dims=2, blocks=3)
+        layouts.ColumnBlocks.of([w_NKD, w_NKF], in_dims=2, blocks=3)
 
 
 def test_column_block_layout_round_trips_exactly(params):
-    plain = transformer.split_layers(params)
-    blocked = transformer.with_column_blocks(plain, 2)
-    assert isinstance(blocked["blocks"][0]["attn"]["wq_DNK"], transformer.ColumnBlocks)
-    assert isinstance(blocked["blocks"][0]["attn"]["wk_DGK"], transformer.Joined)
-    for layout in (transformer.with_column_blocks(blocked, 1), transformer.with_column_blocks(
-        transformer.with_column_blocks(blocked, 4), 1)):  # fmt: skip
+    plain = kv_cache.split_layers(params)
+    blocked = layouts.with_column_blocks(plain, 2)
+    assert isinstance(blocked["blocks"][0]["attn"]["wq_DNK"], layouts.ColumnBlocks)
+    assert isinstance(blocked["blocks"][0]["attn"]["wk_DGK"], layouts.Joined)
+    for layout in (layouts.with_column_blocks(blocked, 1), layouts.with_column_blocks(
+        layouts.with_column_blocks(blocked, 4), 1)):  # fmt: skip
         assert jax.tree.structure(layout) == jax.tree.structure(plain)
         for a, b in zip(jax.tree.leaves(layout), jax.tree.leaves(plain), strict=True):
             np.testing.assert_array_equal(a, b)
@@ -219,16 +219,16 @@ def test_decoder_relays_out_its_weights_between_one_and_many_prompts(params):
         fresh = decode.generate(CFG, params, prompts, column_blocks=1, **kw)
         assert got.tokens == fresh.tokens
         np.testing.assert_allclose(got.logits, fresh.logits, atol=LOGIT_ATOL, rtol=0)
-    assert decoder._layout == 2  # the last call was of one prompt
+    assert decoder.weights.layout == 2  # the last call was of one prompt
 
 
 def test_auto_column_blocks_one_per_cpu_core():
     small = transformer.get_preset("cpu-small")
     if jax.default_backend() != "cpu":
-        assert decode.auto_column_blocks(small) == 1
+        assert layouts.auto_column_blocks(small) == 1
         return
     cores = len(os.sched_getaffinity(0))
-    blocks = decode.auto_column_blocks(small)
+    blocks = layouts.auto_column_blocks(small)
     assert 1 <= blocks <= cores and 128 % blocks == 0  # gcd of cpu-small's column counts
     for bad in (0, 1.5, "two"):
         with pytest.raises(ValueError, match="column_blocks"):
@@ -304,7 +304,7 @@ def test_sampling_follows_truncated_distribution_chi_square(temperature, top_k, 
     logits_V = np.array([2.0, 1.5, 1.2, 0.9, 0.3, 0.0, -0.5, -1.5], np.float32)
     draws = 40_000
     keys = jax.random.split(jax.random.key(0), draws)
-    tokens = decode.sample_logits(
+    tokens = strategies.sample_logits(
         jnp.broadcast_to(logits_V, (draws, len(logits_V))),
         keys,
         jnp.float32(temperature),
@@ -323,7 +323,7 @@ def test_inverse_cdf_sampling_never_draws_a_zero_probability_token():
     probs_V = np.array([0.0, 0.3, 0.0, 0.0, 0.7, 0.0], np.float32)  # zeros at both ends too
     draws = 20_000
     keys = jax.random.split(jax.random.key(1), draws)
-    tokens = decode.inverse_cdf_sample(jnp.broadcast_to(probs_V, (draws, 6)), keys)
+    tokens = strategies.inverse_cdf_sample(jnp.broadcast_to(probs_V, (draws, 6)), keys)
     counts = np.bincount(np.asarray(tokens), minlength=6)
     assert counts[probs_V == 0].sum() == 0
     _, p_value = stats.chisquare(counts[[1, 4]], [0.3 * draws, 0.7 * draws])
@@ -333,7 +333,7 @@ def test_inverse_cdf_sampling_never_draws_a_zero_probability_token():
 @pytest.mark.parametrize("top_k,top_p", [(0, 0.5), (40, 1.0), (100, 0.9), (1, 0.3), (0, 0.999)])
 def test_truncated_set_equals_sorting_reference_on_a_large_vocabulary(top_k, top_p):
     logits_BV = 3.0 * jax.random.normal(jax.random.key(top_k), (4, 4096))
-    kept = np.isfinite(np.asarray(decode.truncate_logits(logits_BV, top_k, top_p)))
+    kept = np.isfinite(np.asarray(strategies.truncate_logits(logits_BV, top_k, top_p)))
     for row, logits in zip(kept, np.asarray(logits_BV, np.float64), strict=True):
         expected = reference_distribution(logits, 1.0, top_k, top_p) > 0
         np.testing.assert_array_equal(row, expected)
@@ -342,7 +342,7 @@ def test_truncated_set_equals_sorting_reference_on_a_large_vocabulary(top_k, top
 def test_changing_prompt_seed_or_sampling_values_does_not_recompile(params):
     generate = lambda prompts, **kw: decode.generate(CFG, params, prompts, max_new_tokens=NEW, **kw)
     generate([[2, 5, 6]])
-    program = decode.decoding_program()  # the one "auto" compile options give
+    program = decode._generate_program(layouts.compile_options("auto"))
     compiled = program._cache_size()
     assert compiled >= 1  # generate used this program
     generate([[2, 9, 9, 9, 1]], seed=4)  # another prompt text, same padded length
@@ -357,8 +357,9 @@ def test_compile_options_do_not_change_results(params):
     # On a CPU "auto" drops XLA's MLIR fusion emitters (less compile memory);
     # the decoded tokens and logits must not depend on it.
     on_cpu = jax.default_backend() == "cpu"
-    assert decode.auto_compile_options() == (decode.CPU_COMPILE_OPTIONS if on_cpu else {})
-    assert decode.decoding_program("auto") is decode.decoding_program(decode.auto_compile_options())
+    assert layouts.auto_compile_options() == (layouts.CPU_COMPILE_OPTIONS if on_cpu else {})
+    auto = layouts.compile_options("auto")
+    assert auto == layouts.compile_options(layouts.auto_compile_options())
     kw = dict(max_new_tokens=NEW, return_logits=True)
     tuned = decode.generate(CFG, params, PROMPTS, **kw)
     default = decode.generate(CFG, params, PROMPTS, compile_options={}, **kw)
@@ -367,7 +368,7 @@ def test_compile_options_do_not_change_results(params):
 
 
 def test_compile_options_are_checked():
-    assert not decode._options_supported((("xla_cpu_no_such_option", True),))
+    assert not layouts.options_supported((("xla_cpu_no_such_option", True),))
     with pytest.raises(ValueError, match="compile_options"):
         decode.Decoder(CFG, {}, compile_options="fast")
     with pytest.raises(ValueError, match="does not know one of these options"):
@@ -408,7 +409,8 @@ def test_streaming_delivers_every_token_in_order(params):
 @pytest.mark.parametrize("cache_block", [None, 4], ids=["one_block", "blocks_of_4"])
 def test_sharded_decoding_equals_one_device(params, cache_block):
     mesh = meshlib.make_mesh("fsdp=4,tensor=2")
-    shardings = meshlib.tree_shardings(transformer.param_axes(CFG), params, mesh)
+    axes = transformer.param_axes(CFG)
+    shardings = meshlib.tree_shardings(axes, params, mesh, transformer.RULES)
     sharded = jax.device_put(params, shardings)
     wq = sharded["blocks"]["attn"]["wq_DNK"]
     assert wq.sharding.shard_shape(wq.shape) == (CFG.num_layers, CFG.d_model // 4, 2, 16)
@@ -445,36 +447,3 @@ def test_bad_sampling_values():
         decode.SamplingParams(temperature=-1.0)
     with pytest.raises(ValueError, match="top_k"):
         decode.SamplingParams(top_k=-2)
-
-
-def test_decoder_returns_freed_heap_after_compiles_and_relayouts_only(params, monkeypatch):
-    trims = []
-    monkeypatch.setattr(decode, "release_free_heap", lambda: trims.append(1))
-    monkeypatch.setattr(decode, "_COMPILED", set())  # as in a fresh process
-    decoder = decode.Decoder(CFG, params, column_blocks=2)
-    decoder.generate([[2, 5, 6]], max_new_tokens=NEW)
-    assert len(trims) == 1  # compiled
-    decoder.generate(
-        [[2, 9, 9, 1]], max_new_tokens=NEW, seed=3, sampling=decode.SamplingParams(1.0)
-    )
-    assert len(trims) == 1  # same program, same layout
-    decoder.generate([[2, 5, 6]], max_new_tokens=NEW + 1)
-    assert len(trims) == 2  # another cache size: another program
-    decoder.generate([[2, 5, 6], [7, 8]], max_new_tokens=NEW)
-    assert len(trims) == 3  # another batch and the plain layout
-    decoder.generate([[2, 5, 6]], max_new_tokens=NEW)
-    assert len(trims) == 4  # a known program, but the column blocks laid out again
-    decoder.generate([[2, 5, 6]], max_new_tokens=NEW)
-    decode.Decoder(CFG, params, column_blocks=2).generate([[2, 5]], max_new_tokens=NEW)
-    assert len(trims) == 4  # nor for a new Decoder calling a compiled program
-
-
-def test_release_free_heap_calls_malloc_trim_where_there_is_one(monkeypatch):
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert decode._MALLOC_TRIM is not None  # as on this project's CI
-    calls = []
-    monkeypatch.setattr(decode, "_MALLOC_TRIM", calls.append)
-    decode.release_free_heap()
-    assert calls == [0]  # free everything above the heap's live top
-    monkeypatch.setattr(decode, "_MALLOC_TRIM", None)  # macOS, musl, Windows
-    decode.release_free_heap()

@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from genjax import lm, score
+from genjax import lm, run, score
 from genjax.interop import hf
 from genjax.interop import safetensors as st
 from genjax.models import transformer
@@ -332,14 +332,14 @@ def trained_run(tmp_path_factory) -> tuple[pathlib.Path, lm.PretrainConfig]:
     cfg = lm.PretrainConfig(
         model=dataclasses.replace(TINY, vocab_size=384),
         data=lm.DataConfig(corpus=corpus, val_fraction=0.0, seq_len=32, global_batch_size=8),
-        run=lm.RunConfig(steps=2),
+        run=run.RunConfig(steps=2),
     )
     workdir = tmp_path_factory.mktemp("run")
-    lm.pretrain(cfg, workdir)
+    run.train(cfg, workdir, lm.FAMILY)
     return workdir, cfg
 
 
-def test_cli_export_import_scores_and_resumes(trained_run, tmp_path, capsys, load_script):
+def test_cli_export_import_scores_and_resumes(trained_run, tmp_path, capsys):
     workdir, cfg = trained_run
     hf_dir, new = tmp_path / "hf", tmp_path / "imported"
     assert hf.main(["export", "--workdir", str(workdir), "--out", str(hf_dir)]) == 0
@@ -360,27 +360,27 @@ def test_cli_export_import_scores_and_resumes(trained_run, tmp_path, capsys, loa
     assert "already holds a run" in capsys.readouterr().err
 
     # The imported run holds exactly the exported parameters, and scores the same.
-    model_a, params_a, tok_a, seq_a, step_a = lm.load_for_scoring(workdir)
-    model_b, params_b, tok_b, seq_b, step_b = lm.load_for_scoring(new)
-    assert (model_b, seq_b, step_a, step_b) == (model_a, seq_a, cfg.run.steps, 0)
-    assert tok_b.model_proto == tok_a.model_proto
-    for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True):
+    a, b = lm.load(workdir), lm.load(new)
+    assert (b.cfg.model, b.cfg.data.seq_len) == (a.cfg.model, a.cfg.data.seq_len)
+    assert (a.step, b.step) == (cfg.run.steps, 0)
+    assert b.tokenizer.model_proto == a.tokenizer.model_proto
+    tok_a = a.tokenizer
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
         assert np.array_equal(np.asarray(x), np.asarray(y))
     target = str(pathlib.Path(data.corpus[0]))
     bits = []
-    for run in (workdir, new):
-        assert score.main(["--workdir", str(run), target]) == 0
+    for run_dir in (workdir, new):
+        assert score.main(["--workdir", str(run_dir), target]) == 0
         bits.append(capsys.readouterr().out.strip().splitlines()[-1])
     assert bits[0] == bits[1] and bits[0].startswith("bits_per_byte=")
 
     # The printed command resumes it: the script's config matches the checkpoint's.
     command = next(line for line in printed.splitlines() if "lm_pretrain.py" in line)
-    script = load_script("experiments/lm_pretrain.py")
     argv = [*shlex.split(command)[2:], "--steps", "1"]  # after "python experiments/..."
-    resumed_cfg = script.build_config(script.parse_args(argv))
-    assert (resumed_cfg.model, resumed_cfg.data) == (model_b, data)
-    summary = lm.pretrain(resumed_cfg, new)
-    assert summary["step"] == 1
+    resumed_cfg = run.config_from_args(lm.FAMILY, run.parser(lm.FAMILY).parse_args(argv))
+    assert (resumed_cfg.model, resumed_cfg.data) == (b.cfg.model, data)
+    result = run.train(resumed_cfg, new, lm.FAMILY)
+    assert int(result.state.step) == 1
     assert "resumed from step 0" in capsys.readouterr().out
 
     # transformers' tokenizer from the exported folder gives genjax's ids after <eod>.

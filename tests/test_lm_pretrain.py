@@ -86,11 +86,11 @@ def _committed_steps(workdir) -> list[int]:
 def _final_params(workdir):
     from genjax import lm
 
-    _, params, _, _, step = lm.load_for_scoring(workdir)
-    assert step == STEPS
+    loaded = lm.load(workdir)
+    assert loaded.step == STEPS
     import jax
 
-    return jax.tree.leaves(jax.device_get(params))
+    return jax.tree.leaves(jax.device_get(loaded.params))
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +171,11 @@ def _direct_bits_per_byte(workdir, path) -> float:
     from genjax.data import document_rows
     from genjax.models import transformer
 
-    cfg, params, tok, seq_len, _ = lm.load_for_scoring(workdir)
-    params = jax.device_put(jax.device_get(params), jax.devices()[0])
+    loaded = lm.load(workdir)
+    tok, seq_len = loaded.tokenizer, loaded.cfg.data.seq_len
+    params = jax.device_put(jax.device_get(loaded.params), jax.devices()[0])
     rows, mask = document_rows(tok.encode(path.read_bytes().decode()), seq_len, tok.eos_id)
-    nll = transformer.token_nll(cfg, params, jax.numpy.asarray(rows))
+    nll = transformer.token_nll(loaded.cfg.model, params, jax.numpy.asarray(rows))
     return float((np.asarray(nll) * mask).sum() / np.log(2) / len(path.read_bytes()))
 
 

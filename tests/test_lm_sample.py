@@ -11,6 +11,7 @@ import sysconfig
 import pytest
 
 from genjax import lm
+from genjax import run as runlib
 from genjax.models import transformer
 from genjax.sampling import SamplingParams, generate_text
 
@@ -25,12 +26,12 @@ def run(tmp_path_factory):
     cfg = lm.PretrainConfig(
         model=dataclasses.replace(transformer.get_preset("tiny"), vocab_size=384),
         data=lm.DataConfig(corpus=corpus, val_fraction=0.0, seq_len=32, global_batch_size=8),
-        run=lm.RunConfig(steps=3),
+        run=runlib.RunConfig(steps=3),
     )
     workdir = tmp_path_factory.mktemp("run")
-    lm.pretrain(cfg, workdir)
-    model_cfg, params, tokenizer, _, _ = lm.load_for_scoring(workdir)
-    return workdir, model_cfg, params, tokenizer
+    runlib.train(cfg, workdir, lm.FAMILY)
+    loaded = lm.load(workdir)
+    return workdir, loaded.cfg.model, loaded.params, loaded.tokenizer
 
 
 SAMPLING = SamplingParams(temperature=1.0, top_p=0.95)

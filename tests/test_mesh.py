@@ -36,11 +36,14 @@ def test_make_mesh_shape_and_axes():
 
 
 def test_logical_rules_map_to_mesh_axes():
-    assert meshlib.logical_to_spec(("vocab", "embed")) == P("tensor", "fsdp")
-    assert meshlib.logical_to_spec(("batch", None)) == P(("data", "fsdp"), None)
-    assert meshlib.logical_to_spec(("layers", "embed", "mlp")) == P(None, "fsdp", "tensor")
+    rules = transformer.RULES  # each model brings its own table
+    assert meshlib.logical_to_spec(("vocab", "embed"), rules) == P("tensor", "fsdp")
+    assert meshlib.logical_to_spec(("batch", None), rules) == P(("data", "fsdp"), None)
+    assert meshlib.logical_to_spec(("layers", "embed", "mlp"), rules) == P(None, "fsdp", "tensor")
     with pytest.raises(KeyError, match="no rule"):
-        meshlib.logical_to_spec(("nonsense",))
+        meshlib.logical_to_spec(("nonsense",), rules)
+    with pytest.raises(ValueError, match=r"names mesh axes \['pipeline'\]"):
+        meshlib.logical_to_spec(("embed",), {"embed": "pipeline"})
 
 
 def test_batch_not_divisible_by_data_axes():
@@ -54,7 +57,8 @@ def test_parameter_that_does_not_divide_is_named():
     cfg = transformer.get_preset("tiny")  # 2 kv heads
     mesh = meshlib.make_mesh("tensor=8")
     with pytest.raises(ValueError, match=r"wk_DGK.*'kv_heads' = 2 does not divide"):
-        meshlib.tree_shardings(transformer.param_axes(cfg), transformer.abstract_params(cfg), mesh)
+        axes, shapes = transformer.param_axes(cfg), transformer.abstract_params(cfg)
+        meshlib.tree_shardings(axes, shapes, mesh, transformer.RULES)
 
 
 def test_global_batch_is_sharded_over_batch_axes():

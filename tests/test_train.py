@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from genjax import lm, run, train
 from genjax import mesh as meshlib
-from genjax import train
 from genjax.checkpoint import Checkpointer
 from genjax.models import transformer
 
@@ -19,19 +19,18 @@ CFG_TP = dataclasses.replace(
 OPTIM = train.OptimConfig(lr=3e-3, warmup_steps=1, total_steps=10)
 
 
-def _loss_fn(cfg):
-    return lambda params, batch, *, key: transformer.loss(cfg, params, batch)
+def _create(cfg, mesh, optim=OPTIM):
+    """The LM family's state and shardings, created sharded."""
+    family_cfg = lm.PretrainConfig(model=cfg, optim=optim)
+    _, shardings = run.abstract_state(family_cfg, lm.FAMILY, mesh)
+    init = lambda key: lm.init(family_cfg, key)
+    return train.create_state(init, shardings, mesh, jax.random.key(0)), shardings
 
 
 def _setup(cfg, mesh, optim=OPTIM):
-    optimizer = train.make_optimizer(optim, decay_mask=lambda _: transformer.decay_mask(cfg))
-    state, shardings = train.create_train_state(
-        lambda k: transformer.init(cfg, k), transformer.param_axes(cfg), optimizer, mesh, seed=0
-    )
-    step = train.jit_train_step(
-        train.make_train_step(_loss_fn(cfg), optimizer, optim), shardings, mesh
-    )
-    return state, step
+    state, shardings = _create(cfg, mesh, optim)
+    step = lm.make_step(lm.PretrainConfig(model=cfg, optim=optim))
+    return state, train.jit_train_step(step, shardings, mesh)
 
 
 def _batches(cfg, n, batch=8, length=33):
@@ -110,7 +109,7 @@ def test_parameters_are_sharded_as_declared():
     state, _ = _setup(transformer.get_preset("tiny"), mesh)
     axes = transformer.param_axes(transformer.get_preset("tiny"))
     jax.tree.map(
-        lambda a, x: _assert_spec(x, meshlib.logical_to_spec(a)),
+        lambda a, x: _assert_spec(x, meshlib.logical_to_spec(a, transformer.RULES)),
         axes, state.params, is_leaf=lambda a: isinstance(a, tuple),
     )  # fmt: skip
     emb = state.params["embed_VD"]  # (vocab, embed) -> (tensor, fsdp)
@@ -174,10 +173,8 @@ def test_non_finite_loss_stops_before_it_reaches_a_checkpoint(tmp_path):
     """A NaN at step 4 (saving every step) leaves checkpoints 1-3, all finite."""
     cfg = transformer.get_preset("tiny")
     mesh = meshlib.make_mesh("data=1", jax.devices()[:1])
-    optimizer = train.make_optimizer(OPTIM)
-    state, shardings = train.create_train_state(
-        lambda k: transformer.init(cfg, k), transformer.param_axes(cfg), optimizer, mesh, seed=0
-    )
+    state, shardings = _create(cfg, mesh)
+    optimizer = lm.make_optimizer(lm.PretrainConfig(model=cfg, optim=OPTIM))
 
     def poisonable_loss(params, batch, *, key):
         loss, aux = transformer.loss(cfg, params, batch)
@@ -196,10 +193,10 @@ def test_non_finite_loss_stops_before_it_reaches_a_checkpoint(tmp_path):
     logger = _ListLogger()
     with Checkpointer(tmp_path, config={"model": {}}, keep=10, save_every=1) as ckpt:
         with pytest.raises(
-            train.NonFiniteLossError,
+            run.NonFiniteLossError,
             match=r"loss is nan.* at step 4; .*last good checkpoint \(step 3\) is untouched",
         ):
-            train.fit(
+            run.fit(
                 state,
                 step,
                 iter(batches),
@@ -222,8 +219,8 @@ def test_fit_logs_every_step_and_counts():
     state, step = _setup(cfg, mesh)
     logger = _ListLogger()
     batches = (meshlib.global_batch(b, mesh) for b in _batches(cfg, 4))
-    result = train.fit(
-        state, step, batches, num_steps=4, logger=logger, log_every=2, tokens_per_step=8 * 32
+    result = run.fit(
+        state, step, batches, num_steps=4, logger=logger, log_every=2, throughput=("tokens", 8 * 32)
     )
     assert int(result.state.step) == 4
     assert [r["step"] for r in logger.records] == [2, 4]

@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import math
 
 import chex
@@ -10,6 +11,9 @@ import pytest
 
 from genjax import mesh as meshlib
 from genjax.models import transformer
+from genjax.nn import attention
+
+splash_attention = functools.partial(attention.splash_attention, rules=transformer.RULES)
 
 CFG = transformer.get_preset("tiny")
 
@@ -207,7 +211,7 @@ def test_cudnn_attention_matches_xla_attention_in_bf16():
     "length,block", [(128, 128), (512, 512), (768, 256), (1024, 512), (640, 128), (64, None)]
 )
 def test_splash_block_size(length, block):
-    assert transformer.splash_block_size(length) == block
+    assert attention.splash_block_size(length) == block
 
 
 def test_splash_attention_equals_xla_attention_with_gqa(params):
@@ -245,9 +249,9 @@ def test_splash_kernel_is_reused_across_traces():
 
     for batch in (1, 2):
         q, k, v = qkv(batch)
-        out = jax.jit(transformer.splash_attention)(q, k, v)
+        out = jax.jit(splash_attention)(q, k, v)
         np.testing.assert_allclose(out, reference(q, k, v), atol=1e-5)
-    grad = jax.grad(lambda q: jnp.sum(jax.jit(transformer.splash_attention)(q, k, v) ** 2))(q)
+    grad = jax.grad(lambda q: jnp.sum(jax.jit(splash_attention)(q, k, v) ** 2))(q)
     ref = jax.grad(lambda q: jnp.sum(reference(q, k, v) ** 2))(q)
     np.testing.assert_allclose(grad, ref, atol=1e-4)
 
@@ -257,11 +261,11 @@ def test_splash_attention_refuses_a_batch_the_mesh_cannot_split():
     kv = jnp.zeros((3, 128, 2, 16))
     with jax.set_mesh(meshlib.make_mesh("data=2,fsdp=2,tensor=2")):
         with pytest.raises(ValueError, match="batch 3 must divide by the 4 shards"):
-            jax.jit(transformer.splash_attention)(q, kv, kv)
+            jax.jit(splash_attention)(q, kv, kv)
 
 
 def test_splash_attention_refuses_lengths_it_cannot_block():
     q = jnp.zeros((1, 600, 4, 16))
     kv = jnp.zeros((1, 600, 2, 16))
     with pytest.raises(ValueError, match="attention='splash' needs a sequence length"):
-        transformer.splash_attention(q, kv, kv)
+        splash_attention(q, kv, kv)

@@ -66,7 +66,8 @@ def check(workdir: str, new_tokens: int, top_p: float) -> dict:
     from genjax.interop import hf
     from genjax.sampling import decode
 
-    cfg, params, tok, _, step = lm.load_for_scoring(workdir)
+    loaded = lm.load(workdir)
+    cfg, params, tok, step = loaded.cfg.model, loaded.params, loaded.tokenizer, loaded.step
     ids = [[tok.eos_id, *tok.encode(p)] for p in PROMPTS]
     gen = decode.generate(
         cfg, params, ids, max_new_tokens=new_tokens, eos_id=tok.eos_id, return_logits=True

@@ -22,9 +22,9 @@ tests), except around a literal "▁" (U+2581), which genjax spells as bytes;
 
 Import reads ``config.json`` and safetensors only (a single file or a sharded
 ``model.safetensors.index.json``; never pickle, so loading runs no code from
-the checkpoint) and writes a run directory: ``tokenizer.model`` and a step-0
-checkpoint (the imported parameters, a fresh optimizer state) with the config
-``lm.pretrain`` saves, so ``experiments/lm_pretrain.py`` resumes it,
+the checkpoint) and writes a run directory: ``tokenizer.model`` and the step-0
+checkpoint ``run.start`` writes (the imported parameters, a fresh optimizer
+state, no data read yet), so ``experiments/lm_pretrain.py`` resumes it,
 ``genjax.score`` scores it and ``genjax.sampling`` samples it.
 """
 
@@ -38,18 +38,16 @@ import pathlib
 import shlex
 import shutil
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from genjax import config as configlib
-from genjax import lm, train
-from genjax import mesh as meshlib
-from genjax.data import text as textlib
+from genjax import lm, run
 from genjax.interop import safetensors
 from genjax.models import transformer
 from genjax.tokenizer import EOD_ID, PAD_ID, Tokenizer
@@ -117,27 +115,10 @@ class _Entry:
         return self.tensor.hf_shape(self.shape)
 
 
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _flatten(value, (*prefix, key))
-        else:
-            yield (*prefix, key), value
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
-    tree: Params = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 def _entries(cfg: transformer.Config) -> list[_Entry]:
     """Every Hugging Face tensor of a model with this config, in checkpoint order."""
-    shapes = {path: leaf.shape for path, leaf in _flatten(transformer.abstract_params(cfg))}
+    abstract = traverse_util.flatten_dict(transformer.abstract_params(cfg))
+    shapes = {path: leaf.shape for path, leaf in abstract.items()}
     entries = [
         _Entry(t.hf, t, t.path, None, shapes.pop(t.path)) for t in _GLOBAL if t.path in shapes
     ]
@@ -154,7 +135,7 @@ def _entries(cfg: transformer.Config) -> list[_Entry]:
 
 def to_hf_tensors(cfg: transformer.Config, params: Params) -> dict[str, np.ndarray]:
     """Hugging Face tensors ({name: [out, in] matrix or vector}) of genjax parameters."""
-    flat = dict(_flatten(jax.device_get(params)))
+    flat = traverse_util.flatten_dict(jax.device_get(params))
     tensors = {}
     for e in _entries(cfg):
         x = np.asarray(flat[e.path])
@@ -197,7 +178,8 @@ def from_hf_tensors(cfg: transformer.Config, tensors: Mapping[str, np.ndarray]) 
             flat[e.path] = x
         else:
             flat.setdefault(e.path, []).append(x)  # layers come in order 0..L-1
-    return _unflatten({p: np.stack(x) if isinstance(x, list) else x for p, x in flat.items()})
+    stacked = {p: np.stack(x) if isinstance(x, list) else x for p, x in flat.items()}
+    return traverse_util.unflatten_dict(stacked)
 
 
 def _drop_tied_head(tensors: dict[str, np.ndarray]) -> None:
@@ -419,9 +401,9 @@ def read_hf(hf_dir: str | pathlib.Path) -> tuple[transformer.Config, Params]:
 def export_run(workdir: str | pathlib.Path, out_dir: str | pathlib.Path) -> int:
     """Writes the newest checkpoint of a language-model run as a Hugging Face folder;
     returns its step."""
-    cfg, params, tok, _, step = lm.load_for_scoring(workdir)
-    write_hf(out_dir, cfg, params, tokenizer_path=tok.model_path)
-    return step
+    loaded = lm.load(workdir)
+    write_hf(out_dir, loaded.cfg.model, loaded.params, tokenizer_path=loaded.tokenizer.model_path)
+    return loaded.step
 
 
 def import_run(
@@ -442,15 +424,14 @@ def import_run(
     tensors = read_hf_tensors(hf_dir)
     model = dataclasses.replace(model, param_dtype=_param_dtype(tensors))
     data = lm.DataConfig(seq_len=seq_len or min(256, model.max_seq_len))
-    cfg = configlib.override(lm.PretrainConfig(model=model, data=data), overrides)
+    base = lm.FAMILY.preset(lm.FAMILY.default_preset)
+    cfg = configlib.override(dataclasses.replace(base, model=model, data=data), overrides)
     params = from_hf_tensors(cfg.model, tensors)
     tokenizer = _load_tokenizer(hf_dir / "tokenizer.model", cfg.model.vocab_size)
-    mesh = meshlib.make_mesh(cfg.run.mesh)
-    lm.validate(cfg, mesh)
-    _check_fresh(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if (workdir / "tokenizer.model").exists():
+        raise ValueError(f"--workdir {workdir} already holds a run; import into a fresh directory")
+    run.start(cfg, workdir, lm.FAMILY, params)  # checks the config on its mesh first
     (workdir / "tokenizer.model").write_bytes(tokenizer.model_proto)
-    _save_initial_checkpoint(cfg, params, workdir, mesh)
     return cfg
 
 
@@ -469,71 +450,17 @@ def _load_tokenizer(path: pathlib.Path, vocab_size: int) -> Tokenizer:
     return tok
 
 
-def _check_fresh(workdir: pathlib.Path) -> None:
-    if workdir.exists() and not workdir.is_dir():
-        raise ValueError(f"--workdir {workdir} exists and is not a directory")
-    taken = [p.name for p in (workdir / "checkpoints", workdir / "tokenizer.model") if p.exists()]
-    if taken:
-        raise ValueError(
-            f"--workdir {workdir} already holds a run ({', '.join(taken)}); import into a "
-            "fresh directory"
-        )
-
-
-def _initial_state(cfg: lm.PretrainConfig, params: Params, mesh) -> train.TrainState:
-    """Step 0 of a run with these parameters: the state ``lm.build_state`` creates
-    (same optimizer, shardings and RNG), its parameters replaced.
-
-    The state is created around zeros rather than ``transformer.init``: the same
-    tree at a fraction of the compile time, and AdamW's fresh moments are zeros
-    whatever the parameters.
-    """
-    abstract = transformer.abstract_params(cfg.model)
-    state, shardings = train.create_train_state(
-        lambda key: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract),
-        transformer.param_axes(cfg.model),
-        lm.make_optimizer(cfg),
-        mesh,
-        seed=cfg.run.seed,
-    )
-    return state._replace(params=jax.device_put(params, shardings.params))
-
-
-def _save_initial_checkpoint(
-    cfg: lm.PretrainConfig, params: Params, workdir: pathlib.Path, mesh
-) -> None:
-    """Saves step 0 as ``lm.pretrain`` saves its steps (same config dict, compared keys)."""
-    with lm.make_checkpointer(cfg, workdir) as checkpointer:
-        state = _initial_state(cfg, params, mesh)
-        checkpointer.save(0, state, _unstarted_iterator(cfg.data), force=True)
-
-
-def _unstarted_iterator(data: lm.DataConfig) -> grain.DatasetIterator:
-    """A data iterator at the position of a run that has taken no step.
-
-    ``lm.pretrain`` restores the data position with the state, so a step-0
-    checkpoint must carry one. grain's iterator state is only its next index,
-    so an iterator over placeholder rows saves exactly what the run's real
-    pipeline would at step 0.
-    """
-    rows = np.zeros((data.global_batch_size, 2), np.int32)
-    return textlib.make_train_iterator(
-        rows,
-        global_batch_size=data.global_batch_size,
-        seed=data.seed,
-        read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0),
-    )
-
-
 def resume_flags(cfg: lm.PretrainConfig) -> list[str]:
-    """``--set`` assignments that give ``experiments/lm_pretrain.py`` (default preset
-    cpu-small, default data) this run's model and data config, which resuming compares."""
+    """``--set`` assignments that give ``experiments/lm_pretrain.py`` (its default
+    preset) this run's model and data config, which resuming compares. The row
+    length is always given: unset, it would follow the model's context."""
+    default = lm.FAMILY.preset(lm.FAMILY.default_preset)
     flags = []
-    for section, default in (("model", transformer.Config()), ("data", lm.DataConfig())):
-        current = getattr(cfg, section)
+    for section in ("model", "data"):
+        current, base = getattr(cfg, section), getattr(default, section)
         for field in dataclasses.fields(current):
             value = getattr(current, field.name)
-            if value != getattr(default, field.name):
+            if value != getattr(base, field.name) or f"{section}.{field.name}" == "data.seq_len":
                 flags.append(f"{section}.{field.name}={value!r}")
     return flags
 

@@ -1,0 +1,502 @@
+"""The run layer: one way to train, resume, log, stop and load, for every model family.
+
+A family hands over only its own pieces, as a ``Family``: presets of its
+config (a frozen dataclass with a ``run: RunConfig`` section), an ``init``
+returning its state (any named pytree with a ``step`` field), the logical axes
+of its parameter fields and its rules table, a pure step, and its ``Data``
+(a checkpointable iterator of this process's batches, with optional
+evaluation and sample callbacks). The rest is done here, the same way for every
+family:
+
+    main(family)     the command line every experiment script uses: --workdir
+                     --preset --steps --seed --mesh --checkpoint-every --set,
+                     multi-process flags, errors as one message and exit code 2
+    train(cfg, ...)  validate before any compile, refuse another run's checkpoints,
+                     restore (into abstract shapes: nothing is initialized first)
+                     or create the state sharded, fit, evaluate, sample
+    fit(...)         the loop: logs, checkpoints, SIGTERM/SIGINT, stops on a
+                     non-finite loss before it can reach a checkpoint
+    start(...)       step 0 of a run from given parameters (a model imported from
+                     elsewhere); training it later is an ordinary resume
+    load(...)        the newest checkpoint of a workdir, for scoring, sampling, export
+
+A workdir holds ``checkpoints/<step>/`` (state, data position, config),
+``metrics.jsonl`` and ``tensorboard/``, plus whatever the family writes there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import pathlib
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from genjax import config as configlib
+from genjax import mesh as meshlib
+from genjax import train as trainlib
+from genjax.checkpoint import Checkpointer, CheckpointError
+from genjax.metrics_log import MetricsLogger
+
+State = Any
+Batch = Mapping[str, Any]
+Metrics = dict[str, jax.Array]
+StepFn = Callable[[State, Batch | None], tuple[State, Metrics]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    steps: int = 400  # optimizer updates in total (a resumed run continues to this)
+    checkpoint_every: int = 50  # updates between checkpoints
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    log_every: int = 10  # updates between metrics.jsonl records
+    eval_every: int = 0  # updates between evaluations; 0 = only at the end
+    mesh: str = "data=-1"  # device mesh, e.g. "data=2,fsdp=2,tensor=2"
+    seed: int = 0  # state init and per-step RNG
+
+    def __post_init__(self):
+        for name in ("steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"run config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"run config: eval_every must be >= 0, got {self.eval_every}")
+
+
+@dataclasses.dataclass
+class Data:
+    """One run's data, made by the family once its workdir exists."""
+
+    # This process's numpy batches, each a dict of arrays with the same leading
+    # axis; a grain iterator is checkpointed with the state. None: the step
+    # makes its own data (an environment inside the step).
+    batches: Iterator[Batch] | None
+    evaluate: Callable[[State], dict[str, float]] | None = None  # metrics, all devices
+    # After a run that reached its last step: (state, final evaluation) -> None; says
+    # the results in the family's words and draws samples (text, pictures).
+    finish: Callable[[State, dict[str, float]], None] | None = None
+    describe: str = ""  # the data in a few words, for the run's first log line
+    # (unit, count per update) for a throughput metric, e.g. ("tokens", 4096).
+    throughput: tuple[str, int] | None = None
+
+
+def _no_check(cfg: Any, mesh: Mesh) -> None:
+    del cfg, mesh
+
+
+def _as_is(cfg: Any, explicit: frozenset[str]) -> Any:
+    del explicit
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a model family hands the run layer. Callables take the run's config."""
+
+    name: str  # in messages: "lm", "gan", ...
+    presets: Mapping[str, Any]  # preset name -> whole config (with a `run` section)
+    default_preset: str
+    init: Callable[[Any, jax.Array], State]  # (cfg, key) -> fresh state; traced
+    param_axes: Callable[[Any], Mapping[str, Any]]  # state field -> its logical axes
+    rules: meshlib.Rules  # logical axis -> mesh axes
+    step: Callable[[Any], StepFn]  # cfg -> the pure step
+    data: Callable[[Any, pathlib.Path], Data]  # (cfg, workdir) -> this process's data
+    check: Callable[[Any, Mesh], None] = _no_check  # raise ValueError before any compile
+    # (cfg, fields the user set) -> cfg with the fields that follow others filled in.
+    complete: Callable[[Any, frozenset[str]], Any] = _as_is
+    compare: tuple[str, ...] = ("model", "data")  # sections a checkpoint must match
+    updates_per_step: Callable[[Any], int] = lambda cfg: 1  # > 1: a scanned chunk
+    # (cfg, params, key) -> state around given parameters, for `start`.
+    init_from_params: Callable[[Any, Any, jax.Array], State] | None = None
+    add_flags: Callable[[argparse.ArgumentParser], None] | None = None
+    flag_overrides: Callable[[argparse.Namespace], list[str]] = lambda args: []
+
+    @property
+    def config_type(self) -> type:
+        return type(self.presets[self.default_preset])
+
+    def preset(self, name: str) -> Any:
+        if name not in self.presets:
+            close = difflib.get_close_matches(name, self.presets, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown preset {name!r}{hint}; choose one of {sorted(self.presets)}")
+        return self.presets[name]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclasses.dataclass
+class FitResult:
+    state: State
+    stopped_by_signal: str | None = None  # "SIGTERM" / "SIGINT" when interrupted
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # final evaluation
+
+
+class _StopSignals:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if jax.process_count() > 1:
+            # One process's flag would split the processes across steps and hang
+            # their collectives. Multi-host runs stop at JAX's preemption sync
+            # point instead (Checkpointer.should_save saves there).
+            return self
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _must_be_finite(name: str) -> bool:
+    # Every loss a step reports (a GAN's d_loss and g_loss) and gradient norms:
+    # a finite loss with non-finite gradients still writes NaN parameters.
+    return name == "loss" or name.endswith("_loss") or name.endswith("grad_norm")
+
+
+def _check_finite(step: int, metrics: Metrics, last_checkpoint: int | None) -> dict[str, float]:
+    host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+    bad = {k: v for k, v in host.items() if _must_be_finite(k) and not math.isfinite(v)}
+    if bad:
+        kept = f"step {last_checkpoint}" if last_checkpoint is not None else "none yet"
+        what = ", ".join(f"{k} is {v}" for k, v in bad.items())
+        raise NonFiniteLossError(
+            f"{what} at step {step}; stopping. The last good checkpoint "
+            f"({kept}) is untouched. Lower the learning rate or raise warm-up, then re-run "
+            f"to resume from it."
+        )
+    return host
+
+
+def fit(
+    state: State,
+    train_step: StepFn,
+    batches: Iterable[Batch] | None,
+    *,
+    num_steps: int,
+    updates_per_step: int = 1,
+    checkpointer: Checkpointer | None = None,
+    data_iterator=None,
+    logger: MetricsLogger | None = None,
+    log_every: int = 10,
+    throughput: tuple[str, int] | None = None,
+    eval_fn: Callable[[State], dict[str, float]] | None = None,
+    eval_every: int = 0,
+) -> FitResult:
+    """Runs ``train_step`` until ``state.step == num_steps``.
+
+    Each call of ``train_step`` applies ``updates_per_step`` updates (a scanned
+    chunk, PPO style); ``num_steps`` and the cadences count updates and are
+    multiples of it. ``batches=None`` calls ``train_step(state, None)``.
+    Metrics of call c are fetched after call c+1 is dispatched, so the host never
+    stalls the device; on checkpoint steps the losses are checked before saving,
+    so a non-finite loss never reaches disk. ``data_iterator`` is the
+    checkpointable iterator behind ``batches``; batches are not prefetched past it.
+    """
+    step = int(jax.device_get(state.step))
+    last_saved = checkpointer.latest_step() if checkpointer else None
+    batch_iter: Iterator[Batch] | None = None if batches is None else iter(batches)
+    pending: tuple[int, Metrics] | None = None
+    window_start, window_steps = time.perf_counter(), 0
+
+    def report(s: int, metrics: Metrics) -> None:
+        nonlocal window_start, window_steps
+        host = _check_finite(s, metrics, last_saved)
+        if logger is not None and (s % log_every == 0 or s == num_steps):
+            elapsed = time.perf_counter() - window_start
+            if throughput and window_steps:
+                unit, per_update = throughput
+                host[f"{unit}_per_s"] = per_update * window_steps / elapsed
+            host["steps_per_s"] = window_steps / elapsed if window_steps else 0.0
+            logger.log(s, host)
+            window_start, window_steps = time.perf_counter(), 0
+
+    with _StopSignals() as signals:
+        while step < num_steps and signals.received is None:
+            batch = None if batch_iter is None else next(batch_iter)
+            state, metrics = train_step(state, batch)
+            step += updates_per_step
+            window_steps += updates_per_step
+            if pending is not None:
+                report(*pending)
+            pending = (step, metrics)
+            if logger is not None:
+                logger.advance(updates_per_step)
+            if checkpointer is not None and checkpointer.should_save(step):
+                report(*pending)
+                pending = None
+                checkpointer.save(step, state, data_iterator)
+                last_saved = step
+            if eval_fn is not None and eval_every and step % eval_every == 0:
+                if logger is not None:
+                    logger.log(step, eval_fn(state))
+        if pending is not None:
+            report(*pending)
+        if checkpointer is not None and (signals.received or step == num_steps):
+            if last_saved != step:
+                checkpointer.save(step, state, data_iterator, force=True)
+            checkpointer.wait()
+    if signals.received and logger is not None:
+        logger.write(
+            f"{signals.received} received: saved a checkpoint at step {step}; "
+            f"re-run the same command to resume."
+        )
+    return FitResult(state, signals.received)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def _workdir(workdir: str | pathlib.Path) -> pathlib.Path:
+    workdir = pathlib.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir} exists and is not a directory")
+    return workdir
+
+
+def check(cfg: Any, mesh: Mesh, family: Family) -> tuple[State, State]:
+    """Everything wrong with a config on a mesh, before anything is read or compiled;
+    returns ``abstract_state`` (computing it checks that every parameter divides
+    over its mesh axes)."""
+    k = family.updates_per_step(cfg)
+    run = cfg.run
+    for name in ("steps", "checkpoint_every", "log_every", "eval_every"):
+        if getattr(run, name) % k:
+            raise ValueError(
+                f"run.{name}={getattr(run, name)} is not a multiple of the {k} updates "
+                f"each {family.name} step makes; use a multiple of {k}"
+            )
+    family.check(cfg, mesh)
+    return abstract_state(cfg, family, mesh)
+
+
+def abstract_state(cfg: Any, family: Family, mesh: Mesh) -> tuple[State, State]:
+    """(abstract state carrying shardings, shardings) of the family's init."""
+    return trainlib.abstract_state(
+        lambda key: family.init(cfg, key),
+        mesh,
+        family.rules,
+        family.param_axes(cfg),
+        jax.random.key(cfg.run.seed),
+    )
+
+
+def checkpointer(cfg: Any, workdir: pathlib.Path, family: Family) -> Checkpointer:
+    """The run's checkpointer; everything that writes a run's checkpoints uses it."""
+    config_type = type(cfg)
+    return Checkpointer(
+        workdir / "checkpoints",
+        config=configlib.to_dict(cfg),
+        keep=cfg.run.keep_checkpoints,
+        save_every=cfg.run.checkpoint_every,
+        # A resumed iterator is only meaningful over the same model and data.
+        compare_keys=family.compare,
+        # Fields added since a checkpoint was written are compared at their defaults.
+        normalize=lambda saved: configlib.to_dict(configlib.from_dict(config_type, saved)),
+    )
+
+
+def _parameter_count(abstract: State, family: Family, cfg: Any) -> int:
+    fields = family.param_axes(cfg)
+    return sum(
+        math.prod(x.shape) for name in fields for x in jax.tree.leaves(getattr(abstract, name))
+    )
+
+
+def train(cfg: Any, workdir: str | pathlib.Path, family: Family) -> FitResult:
+    """Trains (or resumes) ``family`` with ``cfg`` in ``workdir``; returns the result."""
+    workdir = _workdir(workdir)
+    mesh = meshlib.make_mesh(cfg.run.mesh)
+    abstract, shardings = check(cfg, mesh, family)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with checkpointer(cfg, workdir, family) as ckpt:  # an in-flight save completes on error
+        ckpt.check_config()  # refuse another run's checkpoints before any work
+        t0 = time.perf_counter()
+        data = family.data(cfg, workdir)
+        prep_s = time.perf_counter() - t0
+        restored = ckpt.restore(abstract, data.batches)
+        if restored is None:
+            key = jax.random.key(cfg.run.seed)
+            state = trainlib.create_state(lambda k: family.init(cfg, k), shardings, mesh, key)
+        else:
+            state, step = restored
+            print(f"resumed from step {step} in {ckpt.directory}", flush=True)
+        step_fn = trainlib.jit_train_step(family.step(cfg), shardings, mesh)
+        start_step = int(jax.device_get(state.step))
+        with MetricsLogger(workdir, total_steps=cfg.run.steps, start_step=start_step) as logger:
+            logger.write(
+                f"{family.name}: {_parameter_count(abstract, family, cfg):,} parameters · mesh "
+                f"{dict(mesh.shape)} · {data.describe} · data prepared in {prep_s:.1f}s"
+            )
+            result = fit(
+                state,
+                step_fn,
+                None if data.batches is None else _global_batches(data.batches, mesh),
+                num_steps=cfg.run.steps,
+                updates_per_step=family.updates_per_step(cfg),
+                checkpointer=ckpt,
+                data_iterator=data.batches,
+                logger=logger,
+                log_every=cfg.run.log_every,
+                throughput=data.throughput,
+                eval_fn=data.evaluate if cfg.run.eval_every else None,
+                eval_every=cfg.run.eval_every,
+            )
+            if result.stopped_by_signal is None and data.evaluate is not None:
+                result.metrics = data.evaluate(result.state)
+                logger.log(cfg.run.steps, result.metrics)
+    if result.stopped_by_signal is None and data.finish is not None:
+        data.finish(result.state, result.metrics)
+    return result
+
+
+def _global_batches(local_batches: Iterator[Batch], mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
+    for local in local_batches:
+        yield meshlib.global_batch(local, mesh)
+
+
+def start(cfg: Any, workdir: str | pathlib.Path, family: Family, params: Any) -> None:
+    """Writes step 0 of a run from given parameters (an imported model) into a fresh
+    ``workdir``: the state ``family.init_from_params`` builds around them (its
+    ``params`` field), without a data position, so ``train`` later resumes it as a
+    run that has read nothing yet."""
+    if family.init_from_params is None:
+        raise ValueError(f"the {family.name} family cannot start from given parameters")
+    workdir = _workdir(workdir)
+    if (workdir / "checkpoints").exists():
+        raise ValueError(f"--workdir {workdir} already holds a run; use a fresh directory")
+    mesh = meshlib.make_mesh(cfg.run.mesh)
+    _, shardings = check(cfg, mesh, family)
+    params = jax.device_put(params, shardings.params)  # each device gets its shards only
+    init = lambda p, key: family.init_from_params(cfg, p, key)
+    state = trainlib.create_state(init, shardings, mesh, params, jax.random.key(cfg.run.seed))
+    with checkpointer(cfg, workdir, family) as ckpt:
+        ckpt.save(0, state, force=True)
+
+
+@dataclasses.dataclass
+class Loaded:
+    cfg: Any  # the run's config, as saved
+    state: State  # the newest restorable state
+    step: int
+
+
+def saved_config(workdir: str | pathlib.Path, family: Family) -> Any:
+    """The config of the newest readable checkpoint of ``workdir``."""
+    ckpt_dir = pathlib.Path(workdir) / "checkpoints"
+    saved = None
+    if ckpt_dir.is_dir():
+        with Checkpointer(ckpt_dir, config={}, compare_keys=()) as probe:
+            saved = probe.saved_config()
+    if saved is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train a {family.name} run first")
+    return configlib.from_dict(family.config_type, saved)
+
+
+def load(workdir: str | pathlib.Path, family: Family, *, mesh: str = "data=-1") -> Loaded:
+    """The newest checkpoint of ``workdir`` for scoring, sampling or export: its config
+    and its state, read straight into ``mesh`` (replicated by default)."""
+    cfg = saved_config(workdir, family)
+    abstract, _ = abstract_state(cfg, family, meshlib.make_mesh(mesh))
+    with Checkpointer(pathlib.Path(workdir) / "checkpoints", config={}, compare_keys=()) as ckpt:
+        state, step = ckpt.restore(abstract)
+    return Loaded(cfg, state, step)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parser(family: Family, description: str | None = None) -> argparse.ArgumentParser:
+    """The command line every experiment script shares, plus the family's own flags."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--workdir", required=True, help="checkpoints and logs go here")
+    p.add_argument(
+        "--preset", default=family.default_preset, help=f"one of {sorted(family.presets)}"
+    )
+    p.add_argument("--steps", type=int, help="total optimizer updates")
+    p.add_argument("--seed", type=int, help="state init and per-step randomness")
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (one axis may be -1)")
+    p.add_argument("--checkpoint-every", type=int, help="updates between checkpoints")
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override any config field, e.g. optim.lr=1e-3 model.num_layers=4",
+    )
+    if family.add_flags is not None:
+        family.add_flags(p)
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run (TPU VM slice, SLURM: found from the environment)",
+    )
+    p.add_argument("--coordinator", help="HOST:PORT of process 0, for a hand-made cluster")
+    p.add_argument("--num-processes", type=int, help="processes in a hand-made cluster")
+    p.add_argument("--process-id", type=int, help="this process's index in a hand-made cluster")
+    return p
+
+
+def config_from_args(family: Family, args: argparse.Namespace) -> Any:
+    """The preset, then the flags, then ``--set``; then the fields that follow others."""
+    flags = [
+        f"run.{field}={value}"
+        for field, value in (
+            ("steps", args.steps),
+            ("seed", args.seed),
+            ("mesh", args.mesh),
+            ("checkpoint_every", args.checkpoint_every),
+        )
+        if value is not None
+    ]
+    assignments = [*flags, *family.flag_overrides(args), *args.set]
+    cfg = configlib.override(family.preset(args.preset), assignments)
+    explicit = frozenset(a.split("=", 1)[0].strip() for a in assignments)
+    return family.complete(cfg, explicit)
+
+
+def _one_line_warnings(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def main(family: Family, argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """Parses the command line, joins a multi-process run if asked, trains; returns the
+    exit code. Bad input (config, mesh, data, checkpoints) and a diverged run end
+    with one message on stderr and exit code 2."""
+    args = parser(family, description).parse_args(argv)
+    warnings.formatwarning = _one_line_warnings  # a warning is a line, not a source excerpt
+    try:
+        cfg = config_from_args(family, args)
+        if args.distributed or args.coordinator:
+            meshlib.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        train(cfg, args.workdir, family)
+    except (ValueError, OSError, FloatingPointError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
