@@ -22,16 +22,19 @@ checkpoint may carry no data position (a run started from given parameters,
 import json
 import os
 import pathlib
+import shutil
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 _MISSING = "<missing>"
 # Characters of an error's first line kept in a skip warning.
-_REASON_CHARS = 120
+_REASON_CHARS = 80
 
 
 class CheckpointError(Exception):
@@ -85,12 +88,11 @@ class Checkpointer:
         self._corrupt_steps: set[int] = set()
         # (step, due): JAX's preemption check must run once per step, not per call.
         self._due: tuple[int, bool] | None = None
+        _remove_unfinished_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
             enable_async_checkpointing=async_save,
             create=True,
-            # Leftovers of saves killed mid-write; nothing else writes here.
-            cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -154,6 +156,7 @@ class Checkpointer:
         steps = sorted(self._manager.all_steps(), reverse=True)
         if not steps:
             return None
+        _ignore_reads_left_in_flight()
         failures: list[tuple[int, str]] = []
         for step in steps:
             try:
@@ -261,6 +264,41 @@ class Checkpointer:
             first_line = first_line[: _REASON_CHARS - 1] + "…"
         self._corrupt_steps.add(step)
         return step, f"{type(error).__name__}: {first_line}"
+
+
+def _ignore_reads_left_in_flight() -> None:
+    """Silences the callbacks of reads a failed restore left in flight.
+
+    When one tensor of a step fails to read, orbax closes its event loop while
+    tensorstore still reads the others; each of those then reports "Event loop
+    is closed" through ``sys.unraisablehook``, a traceback apiece, long after
+    the step was skipped. Only that error is dropped; any other goes to the
+    previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "ignores_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.ignores_closed_loop = True
+    sys.unraisablehook = hook
+
+
+def _remove_unfinished_saves(directory: str) -> None:
+    """Deletes what saves killed mid-write left (``<step>.orbax-checkpoint-tmp*``).
+
+    Done here, before the manager opens: orbax's own clean-up runs in a thread
+    that nothing waits for, so a run that stops right after opening (a bad
+    corpus) printed that thread's traceback at interpreter exit.
+    """
+    if jax.process_index() != 0:
+        return
+    for leftover in pathlib.Path(directory).glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def config_diff(saved: dict, current: dict, keys: Sequence[str]) -> list[str]:

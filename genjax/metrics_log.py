@@ -91,7 +91,9 @@ class MetricsLogger:
         for k, v in values.items():
             self._tb.add_scalar(k, float(v), int(step))
         self._tb.flush()
-        self._postfix.update({k: values[k] for k in self._postfix_keys if k in values})
+        # Every loss a family reports (a GAN's d_loss and g_loss) shows on the bar.
+        shown = [k for k in values if k in self._postfix_keys or k.endswith("_loss")]
+        self._postfix.update({k: values[k] for k in shown})
         self._bar.set_postfix_str(_format_postfix(self._postfix), refresh=False)
 
     def advance(self, n_steps: int = 1) -> None:
