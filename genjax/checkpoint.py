@@ -22,6 +22,7 @@ checkpoint may carry no data position (a run started from given parameters,
 import json
 import os
 import pathlib
+import re
 import shutil
 import sys
 import warnings
@@ -124,10 +125,7 @@ class Checkpointer:
         if not (force or self.should_save(step)) or self._on_disk(step):
             return False
         if step in self._corrupt_steps and step in self._manager.all_steps():
-            warnings.warn(
-                f"replacing corrupt checkpoint step {step} in {self.directory}", stacklevel=2
-            )
-            self._manager.delete(step)
+            self._manager.delete(step)  # found corrupt (and said so) when restoring
         items = {
             "state": ocp.args.StandardSave(state),
             "config": ocp.args.JsonSave(self.config),
@@ -258,12 +256,21 @@ class Checkpointer:
 
     def _skip(self, step: int, error: Exception) -> tuple[int, str]:
         """Marks a step that would not restore; returns (step, why in a few words)."""
-        # tensorstore errors carry a full JSON spec after the first line.
-        first_line = (str(error).splitlines() or [""])[0]
-        if len(first_line) > _REASON_CHARS:
-            first_line = first_line[: _REASON_CHARS - 1] + "…"
         self._corrupt_steps.add(step)
-        return step, f"{type(error).__name__}: {first_line}"
+        return step, _reason(error)
+
+
+def _reason(error: Exception) -> str:
+    """Why a step would not restore, in a few words."""
+    first_line = (str(error).splitlines() or [""])[0]
+    # tensorstore errors open with an absl status ("OUT_OF_RANGE: Error opening ...")
+    # and go on with a driver spec no user needs here.
+    status = re.match(r"([A-Z_]{4,}): ", first_line)
+    if status:
+        return f"unreadable arrays, {status.group(1)}"
+    if len(first_line) > _REASON_CHARS:
+        first_line = first_line[: _REASON_CHARS - 1] + "…"
+    return f"{type(error).__name__}: {first_line}"
 
 
 def _ignore_reads_left_in_flight() -> None:

@@ -71,6 +71,10 @@ PRESETS = {
     name: PretrainConfig(model=model, optim=train.OptimConfig(lr=1e-3))
     for name, model in transformer.PRESETS.items()
 }
+# tiny: a smoke run of seconds, also on the whole standard library.
+PRESETS["tiny"] = dataclasses.replace(
+    PRESETS["tiny"], run=run.RunConfig(steps=100, checkpoint_every=50)
+)
 
 
 def complete(cfg: PretrainConfig, explicit: frozenset[str]) -> PretrainConfig:

@@ -179,19 +179,57 @@ def _direct_bits_per_byte(workdir, path) -> float:
     return float((np.asarray(nll) * mask).sum() / np.log(2) / len(path.read_bytes()))
 
 
+def _assert_only_the_message(proc, match: str) -> None:
+    """Exit code 2, and the whole output is the one error message (no traceback)."""
+    assert proc.returncode == 2
+    assert proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("error: ") == 1, proc.stderr
+    assert match in proc.stderr
+    assert "Traceback" not in proc.stderr and "ERROR:" not in proc.stderr, proc.stderr
+
+
 def test_checkpoint_from_another_model_config_is_refused(uninterrupted, corpus):
     workdir, _ = uninterrupted
-    proc = _run(workdir, corpus, "model.d_model=32", check=False)
-    assert proc.returncode != 0
-    assert "model.d_model: checkpoint 64, this run 32" in proc.stderr
+    proc = _run(workdir, corpus, "model.d_model=32", check=False)  # continues COMMON's --set
+    _assert_only_the_message(proc, "model.d_model: checkpoint 64, this run 32")
 
 
-def test_empty_corpus_is_a_clear_error(tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    proc = _run(tmp_path / "w", empty, check=False)
-    assert proc.returncode != 0
-    assert "corpus is empty" in proc.stderr
+@pytest.mark.parametrize("case", ["empty", "missing"])
+def test_empty_or_missing_corpus_is_a_clear_error(tmp_path, case):
+    corpus = tmp_path / "corpus"
+    if case == "empty":
+        corpus.mkdir()
+    proc = _run(tmp_path / "w", corpus, check=False)
+    match = "corpus is empty" if case == "empty" else f"corpus path does not exist: {corpus}"
+    _assert_only_the_message(proc, match)
+
+
+def test_corrupt_newest_checkpoint_is_one_warning_line(uninterrupted, corpus, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], workdir)
+    for f in (workdir / "checkpoints" / str(STEPS) / "state").rglob("d/*"):
+        f.write_bytes(b"garbage")
+    proc = _run(workdir, corpus, "--steps", str(STEPS + 10))
+    output = proc.stdout + proc.stderr
+    warnings = [line for line in output.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1, output
+    assert warnings[0].startswith(f"warning: skipped checkpoint step {STEPS} (")
+    assert warnings[0].endswith(f"restored step {STEPS - 10}")
+    assert f"resumed from step {STEPS - 10}" in proc.stdout
+    assert "Traceback" not in output
+
+
+def test_tiny_preset_trains_with_no_other_flag(tmp_path):
+    """The tiny preset alone: its model's context sets the rows, the stdlib the corpus."""
+    cmd = [sys.executable, str(SCRIPT), "--workdir", str(tmp_path), "--preset", "tiny"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training rows of 64 tokens" in proc.stdout + proc.stderr
+    assert "validation bits/byte" in proc.stdout
+    assert (
+        "sample (greedy):" in proc.stdout and "sample (temperature 0.8, top-p 0.95):" in proc.stdout
+    )
+    assert _committed_steps(tmp_path)[-1] == 100
 
 
 def test_corpus_of_one_module_needs_no_validation(tmp_path, corpus):
@@ -218,5 +256,5 @@ def test_corpus_of_one_module_needs_no_validation(tmp_path, corpus):
 )
 def test_bad_arguments_fail_before_compiling(tmp_path, corpus, extra, match):
     proc = _run(tmp_path / "w", corpus, *extra, check=False)
-    assert proc.returncode != 0
-    assert match in proc.stderr
+    _assert_only_the_message(proc, match)
+    assert not (tmp_path / "w" / "checkpoints").exists()
