@@ -63,6 +63,7 @@ class Checkpointer:
         async_save: bool = True,
         compare_keys: Sequence[str] = ("model",),
         normalize: Callable[[dict], dict] | None = None,
+        read_only: bool = False,
     ):
         """Opens (or creates) `directory`.
 
@@ -76,6 +77,8 @@ class Checkpointer:
           normalize: maps a saved config to this code's form before comparing (fields
             added since it was written take their defaults), e.g. a round trip
             through the config dataclass; may raise ValueError for an unreadable one.
+          read_only: only read (scoring or sampling a run that may still be training):
+            nothing is created, cleaned up or saved.
         """
         # orbax needs absolute paths (a relative one fails in its background commit).
         self.directory = os.path.abspath(os.fspath(directory))
@@ -89,11 +92,13 @@ class Checkpointer:
         self._corrupt_steps: set[int] = set()
         # (step, due): JAX's preemption check must run once per step, not per call.
         self._due: tuple[int, bool] | None = None
-        _remove_unfinished_saves(self.directory)
+        if not read_only:  # a running save's tmp directory is not a leftover to a reader
+            _remove_unfinished_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
             enable_async_checkpointing=async_save,
-            create=True,
+            create=not read_only,
+            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 

@@ -412,7 +412,7 @@ def saved_config(workdir: str | pathlib.Path, family: Family) -> Any:
     ckpt_dir = pathlib.Path(workdir) / "checkpoints"
     saved = None
     if ckpt_dir.is_dir():
-        with Checkpointer(ckpt_dir, config={}, compare_keys=()) as probe:
+        with Checkpointer(ckpt_dir, config={}, compare_keys=(), read_only=True) as probe:
             saved = probe.saved_config()
     if saved is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train a {family.name} run first")
@@ -424,7 +424,8 @@ def load(workdir: str | pathlib.Path, family: Family, *, mesh: str = "data=-1") 
     and its state, read straight into ``mesh`` (replicated by default)."""
     cfg = saved_config(workdir, family)
     abstract, _ = abstract_state(cfg, family, meshlib.make_mesh(mesh))
-    with Checkpointer(pathlib.Path(workdir) / "checkpoints", config={}, compare_keys=()) as ckpt:
+    ckpt_dir = pathlib.Path(workdir) / "checkpoints"
+    with Checkpointer(ckpt_dir, config={}, compare_keys=(), read_only=True) as ckpt:
         state, step = ckpt.restore(abstract)
     return Loaded(cfg, state, step)
 
@@ -463,8 +464,16 @@ def parser(family: Family, description: str | None = None) -> argparse.ArgumentP
     return p
 
 
+def configure(family: Family, preset: str, assignments: Sequence[str] = ()) -> Any:
+    """The config a run gets: the preset, ``"section.field=value"`` assignments applied
+    in order, then the fields that follow others filled in where not assigned."""
+    cfg = configlib.override(family.preset(preset), assignments)
+    explicit = frozenset(a.split("=", 1)[0].strip() for a in assignments)
+    return family.complete(cfg, explicit)
+
+
 def config_from_args(family: Family, args: argparse.Namespace) -> Any:
-    """The preset, then the flags, then ``--set``; then the fields that follow others."""
+    """``configure`` from the command line: the flags, then ``--set``."""
     flags = [
         f"run.{field}={value}"
         for field, value in (
@@ -475,10 +484,7 @@ def config_from_args(family: Family, args: argparse.Namespace) -> Any:
         )
         if value is not None
     ]
-    assignments = [*flags, *family.flag_overrides(args), *args.set]
-    cfg = configlib.override(family.preset(args.preset), assignments)
-    explicit = frozenset(a.split("=", 1)[0].strip() for a in assignments)
-    return family.complete(cfg, explicit)
+    return configure(family, args.preset, [*flags, *family.flag_overrides(args), *args.set])
 
 
 def _one_line_warnings(message, category, filename, lineno, line=None) -> str:

@@ -268,3 +268,14 @@ def test_relative_directory_saves_and_restores(tmp_path, mesh, monkeypatch):
         restored, step = ckpt.restore(abstract(state))
     assert step == 5
     assert_tree_equal(restored, state)
+
+
+def test_a_reader_leaves_a_save_in_progress_alone(tmp_path, mesh):
+    save_steps(tmp_path, mesh, [1])
+    in_progress = tmp_path / "2.orbax-checkpoint-tmp"  # a training run's save, mid-write
+    shutil.copytree(tmp_path / "1", in_progress)
+    with Checkpointer(tmp_path, config=CONFIG, read_only=True) as reader:
+        _, step = reader.restore(abstract(make_state(mesh, 0)))
+    assert step == 1 and in_progress.is_dir()
+    Checkpointer(tmp_path, config=CONFIG).close()  # a writer cleans it up
+    assert not in_progress.exists()

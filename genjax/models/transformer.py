@@ -131,7 +131,7 @@ PRESETS: dict[str, Config] = {
         ffn_dim=128,
         max_seq_len=64,
     ),
-    # The BENCHMARKS.md configuration; the default on a laptop CPU.
+    # The benchmarks' configuration (experiments/benchmarks/README.md); the default on a laptop CPU.
     "cpu-small": Config(),
     # Accelerator presets (bf16 compute, scanned layers).
     "125m": Config(
