@@ -92,13 +92,14 @@ class Checkpointer:
         self._corrupt_steps: set[int] = set()
         # (step, due): JAX's preemption check must run once per step, not per call.
         self._due: tuple[int, bool] | None = None
+        self.read_only = read_only
         if not read_only:  # a running save's tmp directory is not a leftover to a reader
             _remove_unfinished_saves(self.directory)
+        # Not orbax's own read_only: it logs warnings; a manager writes nothing until saving.
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
             enable_async_checkpointing=async_save,
             create=not read_only,
-            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -127,6 +128,8 @@ class Checkpointer:
         corrupt while restoring. Blocks only while the previous save finishes and
         the arrays are copied off the device; call `wait` before exiting.
         """
+        if self.read_only:
+            raise ValueError(f"this Checkpointer of {self.directory} only reads")
         if not (force or self.should_save(step)) or self._on_disk(step):
             return False
         if step in self._corrupt_steps and step in self._manager.all_steps():

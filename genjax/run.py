@@ -415,7 +415,9 @@ def saved_config(workdir: str | pathlib.Path, family: Family) -> Any:
         with Checkpointer(ckpt_dir, config={}, compare_keys=(), read_only=True) as probe:
             saved = probe.saved_config()
     if saved is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train a {family.name} run first")
+        raise FileNotFoundError(
+            f"no checkpoint in {ckpt_dir}; train one there first (family {family.name!r})"
+        )
     return configlib.from_dict(family.config_type, saved)
 
 

@@ -1,11 +1,12 @@
 """Decoding throughput on CPU: genjax `decode.generate` vs Hugging Face `generate`.
 
-The BENCHMARKS.md configuration: preset "cpu-small" (6 layers, d_model 384, 6 heads of 64,
-SwiGLU 1024, vocabulary 4096, tied embeddings, context 256), random weights, float32,
-prompts of 32 random token ids, 224 new tokens, batch 1 and 16, greedy and top-p (top_p 0.9,
-temperature 1.0, no top-k), never stopping early. The peer is `transformers`'
-`LlamaForCausalLM` built from the equivalent `LlamaConfig` (random weights, its default SDPA
-attention and dynamic KV cache) calling `model.generate` under `torch.inference_mode()`.
+The configuration of experiments/benchmarks/README.md: preset "cpu-small" (6 layers,
+d_model 384, 6 heads of 64, SwiGLU 1024, vocabulary 4096, tied embeddings, context 256),
+random weights, float32, prompts of 32 random token ids, 224 new tokens, batch 1 and 16,
+greedy and top-p (top_p 0.9, temperature 1.0, no top-k), never stopping early. The peer
+is `transformers`' `LlamaForCausalLM` built from the equivalent `LlamaConfig` (random
+weights, its default SDPA attention and dynamic KV cache) calling `model.generate` under
+`torch.inference_mode()`.
 
 Each side runs in its own subprocess and goes through every (batch, strategy) in turn. Per
 configuration: one first call (genjax compiles here), `--reps` timed calls whose median gives
@@ -32,27 +33,30 @@ there ran at ≈ 220–300 new tokens/s at batch 1 and ≈ 950–1,200 at batch 
 ≈ 180–250 and ≈ 750–950), TTFT ≈ 10–12 ms and ≈ 60–70 ms, depending on the machine. The
 issue's goal: genjax ≥ 3× HF's tokens/s at batch 1 and 16, with peak memory ≤ HF's.
 
-Needs the `bench` extra (torch, CPU build) and `transformers`.
+Needs the `bench` extra (torch, CPU build) and transformers (the `test` extra).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from lm_train_speed import peak_rss_mb, report  # noqa: E402  (same folder)
+from genjax.benchmarking import (
+    child_request,
+    peak_rss_mb,
+    report,
+    reset_peak_rss,
+    run_side,
+    send_result,
+)
 
 SIDES = ("genjax", "hf")
 # Sampling settings per strategy, in genjax's terms (temperature 0 = greedy; top_k 0 = off).
@@ -60,16 +64,6 @@ STRATEGIES = {
     "greedy": {"temperature": 0.0, "top_k": 0, "top_p": 1.0},
     "top_p": {"temperature": 1.0, "top_k": 0, "top_p": 0.9},
 }
-RESULT_TAG = "RESULT_JSON:"
-
-
-def reset_peak_rss() -> bool:
-    """Lower this process's VmHWM to its current RSS (Linux ≥ 4.0); False where refused."""
-    try:
-        pathlib.Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def prompt_ids(spec: dict, batch: int) -> np.ndarray:
@@ -148,7 +142,8 @@ def run_genjax(spec: dict) -> dict:
     shardings = None
     if mesh is not None:
         abstract = transformer.abstract_params(cfg)
-        shardings = meshlib.tree_shardings(transformer.param_axes(cfg), abstract, mesh)
+        axes = transformer.param_axes(cfg)
+        shardings = meshlib.tree_shardings(axes, abstract, mesh, transformer.RULES)
     init = jax.jit(transformer.init, static_argnums=0, out_shardings=shardings)
     # The decoder keeps its own per-layer copy of the weights; the stacked
     # training layout is not kept alongside (HF too holds one copy).
@@ -266,21 +261,10 @@ def child_main(side: str, spec: dict) -> None:
     if spec["threads"] < (os.cpu_count() or 1):
         # Same cores for both sides: XLA sizes its pool from the affinity mask.
         os.sched_setaffinity(0, range(spec["threads"]))
-    out = run_genjax(spec) if side == "genjax" else run_hf(spec)
-    print(RESULT_TAG + json.dumps(out), flush=True)
+    send_result(run_genjax(spec) if side == "genjax" else run_hf(spec))
 
 
 # ----------------------------------------------------------------------------- driver
-
-
-def run_side(side: str, spec: dict) -> dict:
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--child", side, json.dumps(spec)]
-    print(f"[{side}] running ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"side {side!r} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
-    return json.loads(lines[-1][len(RESULT_TAG) :])
 
 
 def tables(results: dict[str, dict]) -> list[str]:
@@ -394,7 +378,7 @@ def main(argv=None) -> None:
         "genjax_cpu_devices": args.genjax_cpu_devices,
         "genjax_mesh": args.genjax_mesh,
     }
-    results = {side: run_side(side, spec) for side in dict.fromkeys(args.sides)}
+    results = {side: run_side(__file__, side, spec) for side in dict.fromkeys(args.sides)}
 
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     for r in results.values():
@@ -425,7 +409,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        child_main(sys.argv[2], json.loads(sys.argv[3]))
+    request = child_request()
+    if request:
+        child_main(*request)
     else:
         main()

@@ -1,9 +1,10 @@
 """Language-model training throughput on CPU: genjax vs PyTorch eager and torch.compile.
 
-The BENCHMARKS.md configuration (preset "cpu-small": 6 layers, d_model 384, 6 heads of
-64, SwiGLU 1024, vocabulary 4096, tied embeddings) at sequence 256, batch 16, AdamW
-(lr 3e-4, betas 0.9/0.95, weight decay 0.1 on matrices, eps 1e-8, clip 1.0), float32,
-random token batches. The peer is `torch_llama.py`, the same model in plain PyTorch.
+The configuration of experiments/benchmarks/README.md (preset "cpu-small": 6 layers,
+d_model 384, 6 heads of 64, SwiGLU 1024, vocabulary 4096, tied embeddings) at sequence
+256, batch 16, AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1 on matrices, eps 1e-8,
+clip 1.0), float32, random token batches. The peer is `torch_llama.py`, the same model
+in plain PyTorch.
 
 Each side runs in its own subprocess, so its peak RSS (VmHWM of that process) is its
 own (torch.compile's compile workers, if any, are not counted). Per side: the first
@@ -11,7 +12,7 @@ step alone (compile time for genjax and torch.compile), `--warmup` more steps, t
 `--reps` repetitions of `--steps` timed steps; tokens/s is the median over the
 repetitions. Throughput is also given as achieved GFLOP/s and as MFU against this
 machine's float32 matmul rate (2048³ matmul, best of numpy, jax and torch, median of
-7), with FLOPs counted as BENCHMARKS.md says (`flops_per_token`).
+7), with FLOPs counted as the README says (`flops_per_token`).
 
     python experiments/benchmarks/lm_train_speed.py                      # print the table
     python experiments/benchmarks/lm_train_speed.py --results experiments/benchmarks/RESULTS.md
@@ -19,36 +20,30 @@ machine's float32 matmul rate (2048³ matmul, best of numpy, jax and torch, medi
         --steps 2 --reps 2 --warmup 1                                     # smoke test, ~1 min
 
 Hardware: a 2-core CPU. Expected time for the default run: ~4 minutes, most of it
-torch.compile's first step and the 3 × 10 steps of each side. Expected numbers there
-(BENCHMARKS.md): PyTorch eager ≈2,200 tokens/s, torch.compile ≈2,500; a plain JAX port
-ran at ≈0.55× eager. Needs the `bench` extra (torch==2.13.0, CPU build).
+torch.compile's first step and the 3 × 10 steps of each side. Expected numbers there:
+PyTorch eager ≈2,200 tokens/s, torch.compile ≈2,500; a plain JAX port ran at ≈0.55×
+eager. Needs the `bench` extra (torch==2.13.0, CPU build).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
 import pathlib
 import platform
-import resource
-import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-HERE = pathlib.Path(__file__).resolve().parent
+from genjax import benchmarking
+
 # On a GPU the driver's matmul measurement would otherwise hold 75% of the
 # memory while the side under test runs in a child process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 SIDES = ("genjax", "torch_eager", "torch_compile")
-RESULT_TAG = "RESULT_JSON:"
 OPTIM = {"lr": 3e-4, "b1": 0.9, "b2": 0.95, "weight_decay": 0.1, "eps": 1e-8, "clip_norm": 1.0}
 
 
@@ -71,65 +66,6 @@ def flops_per_token(cfg, seq_len: int | None = None) -> int:
     block = attn + 3 * D * F + 2 * D
     non_embedding = L * block + D
     return 6 * (non_embedding + V * D) + 6 * L * T * D
-
-
-def cpu_name() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 7) -> dict[str, float]:
-    """Median float32 n×n @ n×n rate in GFLOP/s of numpy's BLAS, XLA's and torch's."""
-
-    def rate(mm, a, b):
-        mm(a, b)  # warm the BLAS thread pool and caches
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            mm(a, b)
-            times.append(time.perf_counter() - t0)
-        return 2 * n**3 / statistics.median(times) / 1e9
-
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-    rates = {"numpy": rate(np.matmul, a, b)}
-    import jax
-
-    jax_mm = jax.jit(lambda x, y: x @ y)
-    rates["jax"] = rate(lambda x, y: jax_mm(x, y).block_until_ready(), *jax.device_put((a, b)))
-    if jax.default_backend() != "cpu":
-        # Accelerators train in bf16: MFU is against the bf16 rate at a large size.
-        big = 8192
-        x = jax.random.normal(jax.random.key(0), (big, big), jax.numpy.bfloat16)
-        mm = lambda x, y: jax_mm(x, y).block_until_ready()
-        rates["jax_bf16_8192"] = rate(mm, x, x) * (big / n) ** 3
-    try:
-        import torch
-    except ImportError:
-        return rates
-    rates["torch"] = rate(torch.matmul, torch.from_numpy(a), torch.from_numpy(b))
-    return rates
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process image, in MB.
-
-    VmHWM, not `ru_maxrss`: Linux carries `ru_maxrss` across exec, so a child would
-    inherit its parent's peak (the driver imports jax and torch); VmHWM starts afresh
-    with the exec'd image.
-    """
-    try:
-        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 # ----------------------------------------------------------------------------- timing
@@ -179,32 +115,28 @@ def model_config(preset: str, overrides: list[str]):
 def run_genjax(spec: dict) -> dict:
     import jax
 
+    from genjax import lm, run, train
     from genjax import mesh as meshlib
-    from genjax import train
-    from genjax.models import transformer
 
-    cfg = model_config(spec["preset"], spec["model_overrides"])
-    mesh = meshlib.make_mesh("data=1", devices=jax.devices()[:1])
-    opt_cfg = train.OptimConfig(
-        lr=OPTIM["lr"], warmup_steps=0, total_steps=1000, weight_decay=OPTIM["weight_decay"],
-        b1=OPTIM["b1"], b2=OPTIM["b2"], eps=OPTIM["eps"], clip_norm=OPTIM["clip_norm"],
-    )  # fmt: skip
-    mask = transformer.decay_mask(cfg)  # matrices only, as the torch peer
-    optimizer = train.make_optimizer(opt_cfg, decay_mask=lambda _: mask)
-    state, shardings = train.create_train_state(
-        lambda key: transformer.init(cfg, key),
-        transformer.param_axes(cfg),
-        optimizer,
-        mesh,
-        seed=0,
+    model = model_config(spec["preset"], spec["model_overrides"])
+    cfg = lm.PretrainConfig(
+        model=model,
+        optim=train.OptimConfig(
+            lr=OPTIM["lr"],
+            warmup_steps=0,
+            total_steps=1000,
+            weight_decay=OPTIM["weight_decay"],
+            b1=OPTIM["b1"],
+            b2=OPTIM["b2"],
+            eps=OPTIM["eps"],
+            clip_norm=OPTIM["clip_norm"],
+        ),
     )
-
-    def loss_fn(params, batch, *, key):
-        del key
-        return transformer.loss(cfg, params, batch)
-
-    step_fn = train.make_train_step(loss_fn, optimizer, opt_cfg)
-    step_fn = train.jit_train_step(step_fn, shardings, mesh)
+    # The LM family's own state and step (weight decay on matrices only, as the torch peer).
+    mesh = meshlib.make_mesh("data=1", devices=jax.devices()[:1])
+    _, shardings = run.abstract_state(cfg, lm.FAMILY, mesh)
+    state = train.create_state(lambda k: lm.init(cfg, k), shardings, mesh, jax.random.key(0))
+    step_fn = train.jit_train_step(lm.make_step(cfg), shardings, mesh)
     batches = [meshlib.global_batch({"tokens": b}, mesh) for b in token_batches(spec)]
     holder = {"state": state}
 
@@ -218,15 +150,13 @@ def run_genjax(spec: dict) -> dict:
 
     out = time_steps(run_step, sync, spec)
     out["versions"] = {"jax": jax.__version__}
-    out["params"] = transformer.count_params(cfg)["total"]
+    out["params"] = sum(x.size for x in jax.tree.leaves(holder["state"].params))
     return out
 
 
 def run_torch(spec: dict, compiled: bool) -> dict:
     import torch
-
-    sys.path.insert(0, str(HERE))
-    import torch_llama
+    import torch_llama  # this script's folder: the child runs the script itself
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -264,25 +194,20 @@ def child_main(side: str, spec: dict) -> None:
         out = run_genjax(spec)
     else:
         out = run_torch(spec, compiled=side == "torch_compile")
-    out["peak_rss_mb"] = peak_rss_mb()
-    print(RESULT_TAG + json.dumps(out), flush=True)
+    out["peak_rss_mb"] = benchmarking.peak_rss_mb()
+    benchmarking.send_result(out)
 
 
 # ----------------------------------------------------------------------------- driver
 
 
 def run_side(side: str, spec: dict) -> dict:
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--child", side, json.dumps(spec)]
-    print(f"[{side}] running ...", file=sys.stderr, flush=True)
-    # A fresh inductor cache: torch.compile's first step is a cold compile, like genjax's
-    # (JAX's persistent compilation cache is off by default).
+    """One side in its own process, with a fresh inductor cache: torch.compile's first
+    step is a cold compile, like genjax's (JAX's persistent compilation cache is off by
+    default)."""
     with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"side {side!r} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
-    return json.loads(lines[-1][len(RESULT_TAG) :])
+        return benchmarking.run_side(__file__, side, spec, env=env)
 
 
 def table(results: dict[str, dict], flops_tok: int, peak_gflops: float) -> list[str]:
@@ -300,40 +225,6 @@ def table(results: dict[str, dict], flops_tok: int, peak_gflops: float) -> list[
             f"{gflops / peak_gflops:.1%} | {r['peak_rss_mb']:,.0f} | {r['last_loss']:.3f} |"
         )
     return rows
-
-
-def results_section(
-    title: str, script: str, argv, versions: dict, header: list[str], lines: list[str]
-) -> list[str]:
-    """A dated RESULTS.md section: machine, versions, the exact command, notes, tables."""
-    command = "python " + shlex.join([os.path.relpath(script), *(argv or sys.argv[1:])])
-    return [
-        "",
-        f"## {title} — {datetime.date.today().isoformat()}",
-        "",
-        f"- machine: {cpu_name()}, {os.cpu_count()} cores, {platform.machine()}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        f"- command: `{command}`",
-        *(f"- {h}" for h in header),
-        "",
-        *lines,
-        "",
-    ]
-
-
-def append_section(path: pathlib.Path, section: list[str]) -> None:
-    """Appends a ``results_section`` to ``path`` (RESULTS.md) and says so."""
-    with path.open("a") as f:
-        f.write("\n".join(section))
-    print(f"appended to {path}")
-
-
-def report(title: str, script: str, argv, versions: dict, header, lines, results) -> None:
-    """Prints a ``results_section`` and appends it to ``results`` (a path) unless None."""
-    section = results_section(title, script, argv, versions, header, lines)
-    print("\n".join(section))
-    if results:
-        append_section(results, section)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -392,7 +283,7 @@ def main(argv=None) -> None:
         "warmup": args.warmup,
         "threads": args.threads,
     }
-    rates = matmul_gflops()
+    rates = benchmarking.matmul_gflops()
     peak_lib = max(rates, key=rates.get)
     results = {side: run_side(side, spec) for side in sides}
 
@@ -419,12 +310,14 @@ def main(argv=None) -> None:
     print("\n".join([*header, "", *lines]))
 
     if args.results:
-        section = results_section("LM training throughput", __file__, argv, versions, header, lines)
-        append_section(args.results, section)
+        title = "LM training throughput"
+        section = benchmarking.results_section(title, __file__, argv, versions, header, lines)
+        benchmarking.append_section(args.results, section)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        child_main(sys.argv[2], json.loads(sys.argv[3]))
+    request = benchmarking.child_request()
+    if request:
+        child_main(*request)
     else:
         main()

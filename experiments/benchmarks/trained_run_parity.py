@@ -18,8 +18,8 @@ prompts:
     python experiments/benchmarks/trained_run_parity.py --workdir runs/lm \\
         --results experiments/benchmarks/RESULTS.md
 
-Under a minute on a 2-core CPU for cpu-small. Needs torch and transformers (the
-`bench` extra).
+Under a minute on a 2-core CPU for cpu-small. Needs torch (the `bench` extra) and
+transformers (the `test` extra). Protocol: experiments/benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -32,9 +32,7 @@ import tempfile
 
 import numpy as np
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from lm_train_speed import report  # noqa: E402  (same folder)
+from genjax.benchmarking import report
 
 TITLE = "LM decoding: a trained run against transformers"
 

@@ -1,7 +1,8 @@
 """The compression anchor for the language model's bits per byte on unseen code.
 
-BENCHMARKS.md scores held-out Python source in bits per byte and compares it with
-`xz -9e` given the whole training corpus as a prefix:
+The language model's quality benchmark (experiments/benchmarks/README.md) scores
+held-out Python source in bits per byte and compares it with `xz -9e` given the
+whole training corpus as a prefix:
 
     bits/byte = (|xz(train + held)| − |xz(train)|) · 8 / bytes(held)
 
@@ -17,7 +18,7 @@ a package like optax that favours xz slightly, so the anchor is if anything stri
     python experiments/benchmarks/xz_anchor.py path/to/pkg file.py --train-corpus stdlib
     python experiments/benchmarks/xz_anchor.py held/ --train-corpus small_corpus_dir/
 
-Expected: about 1.43–1.54 bits/byte on typical third-party Python (BENCHMARKS.md).
+Expected: about 1.43–1.54 bits/byte on typical third-party Python packages.
 Time on a 2-core CPU: a few minutes (two `-9e` passes over the ~12 MB prefix).
 """
 
