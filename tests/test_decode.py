@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import os
+import platform
 import re
 
 import jax
@@ -447,3 +448,36 @@ def test_bad_sampling_values():
         decode.SamplingParams(temperature=-1.0)
     with pytest.raises(ValueError, match="top_k"):
         decode.SamplingParams(top_k=-2)
+
+
+def test_decoder_returns_freed_heap_after_compiles_and_relayouts_only(params, monkeypatch):
+    trims = []
+    monkeypatch.setattr(layouts, "release_free_heap", lambda: trims.append(1))
+    monkeypatch.setattr(layouts, "_COMPILED", set())  # as in a fresh process
+    decoder = decode.Decoder(CFG, params, column_blocks=2)
+    decoder.generate([[2, 5, 6]], max_new_tokens=NEW)
+    assert len(trims) == 1  # compiled
+    decoder.generate(
+        [[2, 9, 9, 1]], max_new_tokens=NEW, seed=3, sampling=decode.SamplingParams(1.0)
+    )
+    assert len(trims) == 1  # same program, same layout
+    decoder.generate([[2, 5, 6]], max_new_tokens=NEW + 1)
+    assert len(trims) == 2  # another cache size: another program
+    decoder.generate([[2, 5, 6], [7, 8]], max_new_tokens=NEW)
+    assert len(trims) == 3  # another batch and the plain layout
+    decoder.generate([[2, 5, 6]], max_new_tokens=NEW)
+    assert len(trims) == 4  # a known program, but the column blocks laid out again
+    decoder.generate([[2, 5, 6]], max_new_tokens=NEW)
+    decode.Decoder(CFG, params, column_blocks=2).generate([[2, 5]], max_new_tokens=NEW)
+    assert len(trims) == 4  # nor for a new Decoder calling a compiled program
+
+
+def test_release_free_heap_calls_malloc_trim_where_there_is_one(monkeypatch):
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert layouts._MALLOC_TRIM is not None  # as on this project's CI
+    calls = []
+    monkeypatch.setattr(layouts, "_MALLOC_TRIM", calls.append)
+    layouts.release_free_heap()
+    assert calls == [0]  # free everything above the heap's live top
+    monkeypatch.setattr(layouts, "_MALLOC_TRIM", None)  # macOS, musl, Windows
+    layouts.release_free_heap()

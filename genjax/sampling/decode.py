@@ -269,10 +269,15 @@ class Decoder:
                 else self.cache_block
             ),
         )
+        layout = self.weights.layout
         weights = self.weights.for_batch(B)
         with _listening(on_token), self.weights.context(B):
             out_BN, steps, logits = self.program(cfg, weights, *args, **static)
             out_BN, steps = np.asarray(out_BN), int(steps)  # waits for the loop and callbacks
+        where = self.weights.mesh if self.weights.sharded(B) else None
+        signature = (self.program, cfg, where, B, P, self.weights.layout, args[7].shape)
+        relaid_out = layout != self.weights.layout
+        layouts.release_heap_after_compile((*signature, *static.items()), relaid_out)
         tokens, reasons = [], []
         for row in out_BN[:, :steps].tolist():
             new, reason = _cut(row, eos_id, stop_sequences)
