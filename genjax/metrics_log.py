@@ -90,8 +90,9 @@ class MetricsLogger:
         for k, v in values.items():
             self._tb.add_scalar(k, float(v), int(step))
         self._tb.flush()
-        # Every loss a family reports (a GAN's d_loss and g_loss) shows on the bar.
-        shown = [k for k in values if k in self._postfix_keys or k.endswith("_loss")]
+        # Every training loss a family reports (a GAN's d_loss and g_loss) shows on
+        # the bar; evaluation records (val_*, eval_*, test_*) leave it as it is.
+        shown = [k for k in values if k in self._postfix_keys or _is_training_loss(k)]
         self._postfix.update({k: values[k] for k in shown})
         self._bar.set_postfix_str(_format_postfix(self._postfix), refresh=False)
 
@@ -135,6 +136,10 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- internals
+
+
+def _is_training_loss(name: str) -> bool:
+    return name.endswith("_loss") and not name.startswith(("val_", "eval_", "test_"))
 
 
 def _summary_writer(logdir: str, purge_step: int):

@@ -122,6 +122,8 @@ def test_progress_bar_postfix_shows_training_metrics(tmp_path):
         logger.log(1, {"loss": 2.5, "lr": 3e-4, "grad_norm": 0.75, "tokens_per_s": 12345.6, "x": 1})
         logger.log(2, {"val_loss": 2.0})  # an eval record keeps the training postfix
         assert logger._bar.postfix == "loss=2.5 lr=3.00e-04 grad_norm=0.75 tok/s=12,346"
+        logger.log(3, {"d_loss": 1.5, "g_loss": 0.5})  # a GAN's two losses join it
+        assert logger._bar.postfix.endswith("tok/s=12,346 d_loss=1.5 g_loss=0.5")
 
 
 def test_bad_metrics_are_rejected(tmp_path):
