@@ -23,9 +23,8 @@ import time
 
 import jax
 
-from genjax import lm
+from genjax import lm, run
 from genjax import mesh as meshlib
-from genjax.checkpoint import CheckpointError
 from genjax.models import transformer
 from genjax.sampling import SamplingParams, generate_text
 
@@ -85,7 +84,8 @@ def main(argv=None) -> int:
         if args.num_samples < 1:
             raise ValueError(f"--num-samples={args.num_samples} must be >= 1")
         sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-        loaded = lm.load(args.workdir)
+        with run.one_line_warnings():
+            loaded = lm.load(args.workdir)
         cfg, params, tokenizer, step = (
             loaded.cfg.model,
             loaded.params,
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
             axes = transformer.param_axes(cfg)
             shardings = meshlib.tree_shardings(axes, params, mesh, transformer.RULES)
             params = jax.device_put(params, shardings)
-    except (OSError, ValueError, CheckpointError) as e:
+    except run.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = [p for p in prompts for _ in range(args.num_samples)]

@@ -92,6 +92,7 @@ class Checkpointer:
         self._corrupt_steps: set[int] = set()
         # (step, due): JAX's preemption check must run once per step, not per call.
         self._due: tuple[int, bool] | None = None
+        self.preempted = False  # JAX's preemption sync point was reached: save and stop
         self.read_only = read_only
         if not read_only:  # a running save's tmp directory is not a leftover to a reader
             _remove_unfinished_saves(self.directory)
@@ -111,13 +112,20 @@ class Checkpointer:
         """Committed steps, oldest first; in-progress (tmp) saves are not listed."""
         return sorted(self._manager.all_steps())
 
-    def should_save(self, step: int) -> bool:
+    def should_save(self, step: int, *, updates: int = 1) -> bool:
         """Whether `save(step)` would write: a multiple of `save_every` or JAX's
-        preemption sync point, and not already on disk. Call it every step on
-        every process (JAX's preemption protocol needs that)."""
+        preemption sync point, and not already on disk. Call it after every step on
+        every process (JAX's preemption protocol needs that); a call that made
+        several `updates` reports each step id it passed, since JAX's sync point is
+        one step id past the largest any process reported."""
         if self._due is None or self._due[0] != step:
+            # Every id asked, first: any of them may be the sync point JAX picked.
+            asked = [
+                self._manager.reached_preemption(s) for s in range(step - updates + 1, step + 1)
+            ]
             due = self.save_every is not None and step % self.save_every == 0
-            self._due = (step, due or self._manager.reached_preemption(step))
+            self.preempted = any(asked)
+            self._due = (step, due or self.preempted)
         return self._due[1] and not self._on_disk(step)
 
     def save(self, step: int, state: Any, data_iterator=None, *, force: bool = False) -> bool:
@@ -295,8 +303,13 @@ def _ignore_reads_left_in_flight() -> None:
         return
 
     def hook(unraisable):
-        value = unraisable.exc_value
-        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+        value, tb = unraisable.exc_value, unraisable.exc_traceback
+        frames = []
+        while tb is not None:
+            frames.append(tb.tb_frame.f_code.co_name)
+            tb = tb.tb_next
+        closed = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+        if not (closed and "call_soon_threadsafe" in frames):
             previous(unraisable)
 
     hook.ignores_closed_loop = True

@@ -26,6 +26,7 @@ from genjax import run, train
 from genjax.data import corpus as corpuslib
 from genjax.data import text as textlib
 from genjax.models import transformer
+from genjax.sampling import SamplingParams, generate_text
 from genjax.tokenizer import Tokenizer
 
 
@@ -33,7 +34,7 @@ from genjax.tokenizer import Tokenizer
 class DataConfig:
     corpus: tuple[str, ...] = ()  # files or folders of text; empty = this Python's stdlib
     val_fraction: float = 0.02  # share of modules held out for validation
-    seq_len: int = 256  # tokens per training row; follows model.max_seq_len unless set
+    seq_len: int = 256  # tokens per training row; unless set, 256 or the model's context if shorter
     global_batch_size: int = 16  # rows per optimizer step, summed over processes
     seed: int = 0  # shuffle seed
 
@@ -55,6 +56,11 @@ class SampleConfig:
     top_p: float = 0.95
     seed: int = 0
 
+    def __post_init__(self):
+        if self.tokens < 0:
+            raise ValueError(f"sample config: tokens={self.tokens} must be >= 0 (0 = no samples)")
+        SamplingParams(temperature=self.temperature, top_p=self.top_p)  # checks both
+
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
@@ -66,11 +72,12 @@ class PretrainConfig:
 
 
 def complete(cfg: PretrainConfig, explicit: frozenset[str]) -> PretrainConfig:
-    """Fields that follow others unless set: rows fill the model's context, and the
-    schedule spans the run (warm-up at most a tenth of it)."""
+    """Fields that follow others unless set: rows of 256 tokens, fewer where the
+    model's context is shorter (tiny's 64), and a schedule that spans the run
+    (warm-up at most a tenth of it)."""
     data, optim = cfg.data, cfg.optim
     if "data.seq_len" not in explicit:
-        data = dataclasses.replace(data, seq_len=cfg.model.max_seq_len)
+        data = dataclasses.replace(data, seq_len=min(DataConfig.seq_len, cfg.model.max_seq_len))
     if "optim.total_steps" not in explicit:
         optim = dataclasses.replace(optim, total_steps=cfg.run.steps)
     if "optim.warmup_steps" not in explicit:
@@ -276,10 +283,12 @@ def data(cfg: PretrainConfig, workdir: pathlib.Path) -> run.Data:
 
 def print_samples(cfg: PretrainConfig, params, tok: Tokenizer) -> None:
     """The closing samples: greedy, then at temperature with top-p."""
-    from genjax.sampling import SamplingParams, generate_text
-
-    s = cfg.sample
-    max_new = min(s.tokens, cfg.model.max_seq_len // 2)
+    s, context = cfg.sample, cfg.model.max_seq_len
+    prompt_tokens = 1 + len(tok.encode(s.prompt))  # after the end-of-document token
+    max_new = min(s.tokens, context // 2, context - prompt_tokens)
+    if max_new < 1:
+        print(f"no sample: the prompt's {prompt_tokens} tokens fill the {context}-token context")
+        return
     drawn = SamplingParams(temperature=s.temperature, top_p=s.top_p)
     for title, sampling in [
         ("greedy", SamplingParams()),

@@ -27,6 +27,7 @@ A workdir holds ``checkpoints/<step>/`` (state, data position, config),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -142,8 +143,8 @@ class NonFiniteLossError(FloatingPointError):
 @dataclasses.dataclass
 class FitResult:
     state: State
-    stopped_by_signal: str | None = None  # "SIGTERM" / "SIGINT" when interrupted
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # final evaluation
+    stopped_by_signal: str | None = None  # "SIGTERM", "SIGINT" or "preemption" when stopped
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # evaluation at the end
 
 
 class _StopSignals:
@@ -156,8 +157,8 @@ class _StopSignals:
     def __enter__(self):
         if jax.process_count() > 1:
             # One process's flag would split the processes across steps and hang
-            # their collectives. Multi-host runs stop at JAX's preemption sync
-            # point instead (Checkpointer.should_save saves there).
+            # their collectives. Multi-host runs save and stop at JAX's preemption
+            # sync point instead (Checkpointer.should_save finds it; fit stops).
             return self
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -181,7 +182,14 @@ def _must_be_finite(name: str) -> bool:
 
 
 def _check_finite(step: int, metrics: Metrics, last_checkpoint: int | None) -> dict[str, float]:
-    host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+    host = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+    shaped = {k: v.shape for k, v in host.items() if v.ndim}
+    if shaped:
+        raise ValueError(
+            f"the step's metrics must be scalars, got shapes {shaped}; a step that makes "
+            "several updates reports their last or mean values"
+        )
+    host = {k: float(v) for k, v in host.items()}
     bad = {k: v for k, v in host.items() if _must_be_finite(k) and not math.isfinite(v)}
     if bad:
         kept = f"step {last_checkpoint}" if last_checkpoint is not None else "none yet"
@@ -220,7 +228,14 @@ def fit(
     checkpointable iterator behind ``batches``; batches are not prefetched past it.
     """
     step = int(jax.device_get(state.step))
+    if step % updates_per_step:
+        raise ValueError(
+            f"the state is at step {step}, not a multiple of the {updates_per_step} updates "
+            "each call makes; resume with the updates_per_step it was saved with"
+        )
     last_saved = checkpointer.latest_step() if checkpointer else None
+    stopped: str | None = None
+    evaluated: tuple[int, dict[str, float]] | None = None
     batch_iter: Iterator[Batch] | None = None if batches is None else iter(batches)
     pending: tuple[int, Metrics] | None = None
     window_start, window_steps = time.perf_counter(), 0
@@ -238,7 +253,7 @@ def fit(
             window_start, window_steps = time.perf_counter(), 0
 
     with _StopSignals() as signals:
-        while step < num_steps and signals.received is None:
+        while step < num_steps and stopped is None:
             batch = None if batch_iter is None else next(batch_iter)
             state, metrics = train_step(state, batch)
             step += updates_per_step
@@ -248,26 +263,33 @@ def fit(
             pending = (step, metrics)
             if logger is not None:
                 logger.advance(updates_per_step)
-            if checkpointer is not None and checkpointer.should_save(step):
+            if checkpointer is not None and checkpointer.should_save(
+                step, updates=updates_per_step
+            ):
                 report(*pending)
                 pending = None
                 checkpointer.save(step, state, data_iterator)
                 last_saved = step
             if eval_fn is not None and eval_every and step % eval_every == 0:
+                evaluated = (step, eval_fn(state))
                 if logger is not None:
-                    logger.log(step, eval_fn(state))
+                    logger.log(*evaluated)
+            stopped = signals.received or (
+                "preemption" if checkpointer is not None and checkpointer.preempted else None
+            )
         if pending is not None:
             report(*pending)
-        if checkpointer is not None and (signals.received or step == num_steps):
+        if checkpointer is not None and (stopped or step == num_steps):
             if last_saved != step:
                 checkpointer.save(step, state, data_iterator, force=True)
             checkpointer.wait()
-    if signals.received and logger is not None:
+    if stopped and logger is not None:
         logger.write(
-            f"{signals.received} received: saved a checkpoint at step {step}; "
+            f"{stopped} received: saved a checkpoint at step {step}; "
             f"re-run the same command to resume."
         )
-    return FitResult(state, signals.received)
+    final_eval = evaluated[1] if evaluated and evaluated[0] == step else {}
+    return FitResult(state, stopped, final_eval)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -307,7 +329,9 @@ def abstract_state(cfg: Any, family: Family, mesh: Mesh) -> tuple[State, State]:
     )
 
 
-def checkpointer(cfg: Any, workdir: pathlib.Path, family: Family) -> Checkpointer:
+def checkpointer(
+    cfg: Any, workdir: pathlib.Path, family: Family, *, read_only: bool = False
+) -> Checkpointer:
     """The run's checkpointer; everything that writes a run's checkpoints uses it."""
     config_type = type(cfg)
     return Checkpointer(
@@ -319,6 +343,7 @@ def checkpointer(cfg: Any, workdir: pathlib.Path, family: Family) -> Checkpointe
         compare_keys=family.compare,
         # Fields added since a checkpoint was written are compared at their defaults.
         normalize=lambda saved: configlib.to_dict(configlib.from_dict(config_type, saved)),
+        read_only=read_only,
     )
 
 
@@ -334,12 +359,14 @@ def train(cfg: Any, workdir: str | pathlib.Path, family: Family) -> FitResult:
     workdir = _workdir(workdir)
     mesh = meshlib.make_mesh(cfg.run.mesh)
     abstract, shardings = check(cfg, mesh, family)
+    if (workdir / "checkpoints").is_dir():  # refuse another run's checkpoints before any work
+        with checkpointer(cfg, workdir, family, read_only=True) as probe:
+            probe.check_config()
     workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = family.data(cfg, workdir)
+    prep_s = time.perf_counter() - t0
     with checkpointer(cfg, workdir, family) as ckpt:  # an in-flight save completes on error
-        ckpt.check_config()  # refuse another run's checkpoints before any work
-        t0 = time.perf_counter()
-        data = family.data(cfg, workdir)
-        prep_s = time.perf_counter() - t0
         restored = ckpt.restore(abstract, data.batches)
         if restored is None:
             key = jax.random.key(cfg.run.seed)
@@ -368,16 +395,24 @@ def train(cfg: Any, workdir: str | pathlib.Path, family: Family) -> FitResult:
                 eval_fn=data.evaluate if cfg.run.eval_every else None,
                 eval_every=cfg.run.eval_every,
             )
-            if result.stopped_by_signal is None and data.evaluate is not None:
+            if result.stopped_by_signal is None and data.evaluate and not result.metrics:
                 result.metrics = data.evaluate(result.state)
-                logger.log(cfg.run.steps, result.metrics)
+                logger.log(int(jax.device_get(result.state.step)), result.metrics)
     if result.stopped_by_signal is None and data.finish is not None:
         data.finish(result.state, result.metrics)
     return result
 
 
 def _global_batches(local_batches: Iterator[Batch], mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
-    for local in local_batches:
+    """Each process's batches as global arrays; the first is checked against the mesh."""
+    for i, local in enumerate(local_batches):
+        if i == 0:
+            rows = {np.shape(v)[0] for v in local.values()}
+            if len(rows) != 1:
+                raise ValueError(f"a batch's arrays differ in their leading (row) axis: {rows}")
+            global_rows = rows.pop() * jax.process_count()
+            meshlib.check_batch_size(global_rows, mesh)
+            meshlib.check_process_batch_layout(global_rows, mesh)
         yield meshlib.global_batch(local, mesh)
 
 
@@ -389,10 +424,14 @@ def start(cfg: Any, workdir: str | pathlib.Path, family: Family, params: Any) ->
     if family.init_from_params is None:
         raise ValueError(f"the {family.name} family cannot start from given parameters")
     workdir = _workdir(workdir)
-    if (workdir / "checkpoints").exists():
+    ckpt_dir = workdir / "checkpoints"
+    if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
         raise ValueError(f"--workdir {workdir} already holds a run; use a fresh directory")
     mesh = meshlib.make_mesh(cfg.run.mesh)
-    _, shardings = check(cfg, mesh, family)
+    abstract, shardings = check(cfg, mesh, family)
+    if not hasattr(abstract, "params"):
+        raise ValueError(f"run.start puts given parameters in a state's `params`; the "
+                         f"{family.name} family's state has none")  # fmt: skip
     params = jax.device_put(params, shardings.params)  # each device gets its shards only
     init = lambda p, key: family.init_from_params(cfg, p, key)
     state = trainlib.create_state(init, shardings, mesh, params, jax.random.key(cfg.run.seed))
@@ -489,8 +528,24 @@ def config_from_args(family: Family, args: argparse.Namespace) -> Any:
     return configure(family, args.preset, [*flags, *family.flag_overrides(args), *args.set])
 
 
-def _one_line_warnings(message, category, filename, lineno, line=None) -> str:
+# What a command line reports as one `error:` line: bad input, unusable checkpoints,
+# a diverged run.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, CheckpointError)
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Warnings print as ``warning: <message>``, one line, not a source excerpt."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = _one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
 
 
 def main(family: Family, argv: Sequence[str] | None = None, description: str | None = None) -> int:
@@ -498,13 +553,17 @@ def main(family: Family, argv: Sequence[str] | None = None, description: str | N
     exit code. Bad input (config, mesh, data, checkpoints) and a diverged run end
     with one message on stderr and exit code 2."""
     args = parser(family, description).parse_args(argv)
-    warnings.formatwarning = _one_line_warnings  # a warning is a line, not a source excerpt
-    try:
-        cfg = config_from_args(family, args)
-        if args.distributed or args.coordinator:
-            meshlib.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-        train(cfg, args.workdir, family)
-    except (ValueError, OSError, FloatingPointError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with one_line_warnings():
+        try:
+            cfg = config_from_args(family, args)
+            if (args.num_processes or args.process_id is not None) and not args.coordinator:
+                raise ValueError("--num-processes and --process-id need --coordinator HOST:PORT")
+            if args.distributed or args.coordinator:
+                meshlib.initialize_distributed(
+                    args.coordinator, args.num_processes, args.process_id
+                )
+            train(cfg, args.workdir, family)
+        except USER_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0

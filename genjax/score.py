@@ -13,7 +13,7 @@ import pathlib
 import sys
 
 from genjax import lm
-from genjax.checkpoint import CheckpointError
+from genjax import run as runlib
 
 
 def main(argv=None) -> int:
@@ -30,8 +30,9 @@ def main(argv=None) -> int:
             print(f"error: cannot score {path}: {e}", file=sys.stderr)
             return 2
     try:
-        run = lm.load(args.workdir)
-    except (OSError, ValueError, CheckpointError) as e:
+        with runlib.one_line_warnings():
+            run = lm.load(args.workdir)
+    except runlib.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg, tok = run.cfg, run.tokenizer

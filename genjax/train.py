@@ -170,16 +170,23 @@ def follow_params(tree: Any, params: Mapping[str, tuple[Any, Any]], mesh: Mesh) 
     """Shardings for ``tree``: every subtree with the structure and shapes of one of
     ``params`` (name -> (abstract tree, its shardings)) is sharded like it, every other
     leaf replicated. So optimizer moments, EMA copies and frozen references follow
-    their parameters, whatever optimizer made them."""
+    their parameters, whatever optimizer made them; where an optimizer masks some
+    parameters out (``optax.masked``, ``optax.multi_transform``), its ``MaskedNode``
+    placeholders stand for them."""
+    masked = lambda x: isinstance(x, optax.MaskedNode)
     signatures = {
         name: (jax.tree.structure(abstract), [x.shape for x in jax.tree.leaves(abstract)])
         for name, (abstract, _) in params.items()
     }
 
+    def fits(x: Any, structure, shapes) -> bool:
+        if jax.tree.structure(x, is_leaf=masked) != structure:
+            return False
+        leaves = jax.tree.leaves(x, is_leaf=masked)
+        return all(masked(a) or a.shape == b for a, b in zip(leaves, shapes, strict=True))
+
     def matches(x: Any) -> list[str]:
-        structure = jax.tree.structure(x)
-        shapes = [getattr(leaf, "shape", None) for leaf in jax.tree.leaves(x)]
-        return [name for name, sig in signatures.items() if sig == (structure, shapes)]
+        return [name for name, signature in signatures.items() if fits(x, *signature)]
 
     def shard(x: Any) -> Any:
         names = matches(x)
@@ -191,7 +198,8 @@ def follow_params(tree: Any, params: Mapping[str, tuple[Any, Any]], mesh: Mesh) 
                 f"a state subtree has the shapes of parameters {names}, which are sharded "
                 "differently; give those parameter trees different shapes or the same axes"
             )
-        return shardings[0]
+        # A masked-out parameter keeps its placeholder (it holds no array).
+        return jax.tree.map(lambda a, s: a if masked(a) else s, x, shardings[0], is_leaf=masked)
 
     return jax.tree.map(shard, tree, is_leaf=lambda x: bool(matches(x)))
 

@@ -167,7 +167,7 @@ def test_decoding_loop_never_copies_the_cache(params, batch, options):
     args += (np.int32(-1), decode._stop_array([]), np.bool_(False))
     weights = layouts.DecodingWeights(CFG, params, None, column_blocks=1).params
     hlo = (
-        decode._generate_program(layouts.compile_options(options))
+        decode.decoding_program(options)
         .lower(CFG, weights, *args, max_new_tokens=NEW, return_logits=False, cache_block=None)
         .compile()
         .as_text()
@@ -343,7 +343,7 @@ def test_truncated_set_equals_sorting_reference_on_a_large_vocabulary(top_k, top
 def test_changing_prompt_seed_or_sampling_values_does_not_recompile(params):
     generate = lambda prompts, **kw: decode.generate(CFG, params, prompts, max_new_tokens=NEW, **kw)
     generate([[2, 5, 6]])
-    program = decode._generate_program(layouts.compile_options("auto"))
+    program = decode.decoding_program("auto")
     compiled = program._cache_size()
     assert compiled >= 1  # generate used this program
     generate([[2, 9, 9, 9, 1]], seed=4)  # another prompt text, same padded length

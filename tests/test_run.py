@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import chex
 import jax
@@ -19,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from genjax import config as configlib
 from genjax import mesh as meshlib
 from genjax import run, train
+from genjax.checkpoint import Checkpointer
 from genjax.metrics_log import read_metrics
 from tests import toy_gan
 
@@ -139,3 +141,60 @@ def test_load_restores_the_whole_state_of_a_family(tmp_path):
     assert loaded.cfg == _config("run.steps=8")
     ema, g = jax.device_get((loaded.state.g_ema, loaded.state.g_params))
     assert not np.allclose(ema[0]["w"], g[0]["w"])  # a real EMA, not a copy
+
+
+class _Counter(NamedTuple):
+    step: jax.Array
+    total: jax.Array
+
+
+def test_fit_drives_a_step_that_makes_its_own_data():
+    """batches=None (an environment inside the step, PPO style): fit calls step(state, None)."""
+    mesh = meshlib.make_mesh("data=1", jax.devices()[:1])
+    state = _Counter(jax.numpy.zeros((), jax.numpy.int32), jax.numpy.zeros(()))
+
+    def step(s, batch):
+        assert batch is None
+        s = _Counter(s.step + 2, s.total + 1.0)  # two updates per call
+        return s, {"loss": s.total}
+
+    shardings = jax.tree.map(lambda _: meshlib.replicated(mesh), state)
+    result = run.fit(state, train.jit_train_step(step, shardings, mesh), None, num_steps=6,
+                     updates_per_step=2)  # fmt: skip
+    assert int(result.state.step) == 6 and float(result.state.total) == 3.0
+
+
+def test_preemption_sync_point_is_counted_in_calls_and_stops_the_run(tmp_path, monkeypatch):
+    """Multi-host runs save and stop where JAX's preemption sync point falls: one step id
+    past the largest reported, so a call of several updates reports every id it passed."""
+    mesh = meshlib.make_mesh("data=1", jax.devices()[:1])
+    state = _Counter(jax.numpy.zeros((), jax.numpy.int32), jax.numpy.zeros(()))
+    step = lambda s, batch: (_Counter(s.step + 2, s.total + 1.0), {"loss": s.total})
+    shardings = jax.tree.map(lambda _: meshlib.replicated(mesh), state)
+    asked = []
+    with Checkpointer(tmp_path, config={}, save_every=100) as ckpt:
+        monkeypatch.setattr(
+            ckpt._manager, "reached_preemption", lambda step: asked.append(step) or step == 5
+        )
+        result = run.fit(state, train.jit_train_step(step, shardings, mesh), None,
+                         num_steps=20, updates_per_step=2, checkpointer=ckpt)  # fmt: skip
+        assert ckpt.all_steps() == [6]  # saved after the call that passed the sync point
+    assert asked[:6] == [1, 2, 3, 4, 5, 6] and result.stopped_by_signal == "preemption"
+    assert int(result.state.step) == 6
+
+
+def test_a_batch_the_mesh_cannot_split_is_a_clear_error(tmp_path, capsys):
+    argv = ["--workdir", str(tmp_path), "--mesh", "data=4,fsdp=2", "--set", "model.batch=6"]
+    assert run.main(toy_gan.FAMILY, argv) == 2
+    assert "error: global batch size 6 is not divisible by the data-parallel size 8" in (
+        capsys.readouterr().err
+    )
+
+
+def test_metrics_that_are_not_scalars_are_a_clear_error():
+    mesh = meshlib.make_mesh("data=1", jax.devices()[:1])
+    state = _Counter(jax.numpy.zeros((), jax.numpy.int32), jax.numpy.zeros(()))
+    step = lambda s, batch: (_Counter(s.step + 1, s.total), {"loss": jax.numpy.zeros(3)})
+    shardings = jax.tree.map(lambda _: meshlib.replicated(mesh), state)
+    with pytest.raises(ValueError, match=r"metrics must be scalars, got shapes \{'loss': \(3,\)\}"):
+        run.fit(state, train.jit_train_step(step, shardings, mesh), None, num_steps=2)

@@ -2,7 +2,9 @@ import dataclasses
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -225,3 +227,40 @@ def test_fit_logs_every_step_and_counts():
     assert int(result.state.step) == 4
     assert [r["step"] for r in logger.records] == [2, 4]
     assert {"loss", "grad_norm", "lr", "tokens_per_s"} <= set(logger.records[-1])
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        optax.adam(1e-3),
+        optax.masked(optax.adam(1e-3), {"w": True, "b": False}),  # b frozen: MaskedNode
+        optax.multi_transform({"a": optax.adam(1e-3), "s": optax.sgd(1e-2)}, {"w": "a", "b": "s"}),
+    ],
+    ids=["adam", "masked", "multi_transform"],
+)
+def test_optimizer_state_follows_its_parameters_whatever_the_optimizer(optimizer):
+    mesh = meshlib.make_mesh("fsdp=8")
+    rules = {"hidden": "fsdp"}
+    axes = {"params": {"w": (None, "hidden"), "b": ("hidden",)}}
+    init = lambda key: {
+        "step": jnp.zeros((), jnp.int32),
+        "params": (p := {"w": jnp.zeros((4, 16)), "b": jnp.zeros(16)}),
+        "opt_state": optimizer.init(p),
+        "ema": p,
+    }
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    params = {
+        "params": (
+            abstract["params"],
+            meshlib.tree_shardings(axes["params"], abstract["params"], mesh, rules),
+        )
+    }
+    shardings = train.follow_params(abstract, params, mesh)
+    specs = {
+        jax.tree_util.keystr(path): s.spec
+        for path, s in jax.tree_util.tree_leaves_with_path(shardings)
+    }
+    moments = [k for k in specs if "['w']" in k and "opt_state" in k]
+    assert moments and all(specs[k] == P(None, "fsdp") for k in moments), specs
+    assert specs["['ema']['w']"] == P(None, "fsdp") and specs["['step']"] == P()
+    assert jax.tree.structure(shardings) == jax.tree.structure(abstract)

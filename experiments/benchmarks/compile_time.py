@@ -52,7 +52,7 @@ def decode_seconds(cfg) -> float:
         lambda p: layouts.DecodingWeights(cfg, p, None, column_blocks=1).params,
         transformer.abstract_params(cfg),
     )
-    program = decode._generate_program(layouts.compile_options("auto"))
+    program = decode.decoding_program("auto")
     prompt = np.zeros((1, 32), np.int32)
     args = (prompt, np.zeros(1, np.int32), np.zeros(1, np.uint32), np.float32(0))
     args += (np.int32(0), np.float32(1), np.int32(-1), decode._stop_array(()))

@@ -490,12 +490,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
-        if args.command == "export":
-            step = export_run(args.workdir, args.out)
-            print(f"exported step {step} of {args.workdir} to {args.out}")
-            return 0
-        cfg = import_run(args.hf, args.workdir, seq_len=args.seq_len, overrides=args.set)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        with run.one_line_warnings():
+            if args.command == "export":
+                step = export_run(args.workdir, args.out)
+                print(f"exported step {step} of {args.workdir} to {args.out}")
+                return 0
+            cfg = import_run(args.hf, args.workdir, seq_len=args.seq_len, overrides=args.set)
+    except run.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     workdir = shlex.quote(args.workdir)

@@ -54,7 +54,7 @@ def projections(spec: str, x: jax.Array, *ws) -> list[jax.Array]:
     """``[einsum(spec, x, w) for w in ws]``, several projections of one input.
 
     Decoding on a CPU may hand a joined layout as the first weight (anything with
-    a ``project(x)`` method, ``genjax.sampling.cpu.ColumnBlocks``), which makes
+    a ``project(x)`` method, ``genjax.sampling.layouts.ColumnBlocks``), which makes
     all of them in one matmul; the other weights are then placeholders.
     """
     if hasattr(ws[0], "project"):

@@ -142,6 +142,12 @@ def _generate_program(options: tuple[tuple[str, object], ...] = ()):
     )
 
 
+def decoding_program(compile_options: dict[str, object] | str = "auto"):
+    """The jitted decoding loop compiled with XLA's ``compile_options`` ("auto":
+    ``layouts.auto_compile_options``; {} XLA's defaults)."""
+    return _generate_program(layouts.compile_options(compile_options))
+
+
 def padded_prompt_len(longest: int) -> int:
     """Prompt lengths are rounded up to a power of two (at least 8): fewer compiles."""
     return max(8, 1 << (longest - 1).bit_length())
@@ -217,7 +223,7 @@ class Decoder:
             column_blocks = layouts.auto_column_blocks(cfg)
         elif not (type(column_blocks) is int and column_blocks > 0):
             raise ValueError(f"column_blocks={column_blocks!r}: pass a positive int or 'auto'")
-        self.program = _generate_program(layouts.compile_options(compile_options))
+        self.program = decoding_program(compile_options)
         self.cfg, self.cache_block = cfg, cache_block
         self.weights = layouts.DecodingWeights(cfg, params, mesh, column_blocks)
 
