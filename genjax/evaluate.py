@@ -88,7 +88,7 @@ def evaluate_single_device(
     """The reference: the same sums with `sum_fn` jitted on one device, no sharding."""
     device = jax.local_devices()[0]
     step = _jitted(sum_fn)
-    params = jax.device_put(_gather_to_host(params), device)
+    params = jax.device_put(gather_to_host(params), device)
     outputs = []
     for i, batch in enumerate(batches):
         if _leading_size(batch, i):
@@ -134,10 +134,10 @@ def _jitted(sum_fn: SumFn) -> Callable:
 
 
 def _replicate(params: Any, mesh: Mesh) -> Any:
-    return jax.device_put(_gather_to_host(params), NamedSharding(mesh, PartitionSpec()))
+    return jax.device_put(gather_to_host(params), NamedSharding(mesh, PartitionSpec()))
 
 
-def _gather_to_host(params: Any) -> Any:
+def gather_to_host(params: Any) -> Any:
     # Multi-host train states hold arrays this process cannot read alone; gather
     # them whole first. Fully addressable ones (one process) are left on device.
     leaves = jax.tree.leaves(params)

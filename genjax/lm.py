@@ -75,15 +75,10 @@ def complete(cfg: PretrainConfig, explicit: frozenset[str]) -> PretrainConfig:
     """Fields that follow others unless set: rows of 256 tokens, fewer where the
     model's context is shorter (tiny's 64), and a schedule that spans the run
     (warm-up at most a tenth of it)."""
-    data, optim = cfg.data, cfg.optim
     if "data.seq_len" not in explicit:
-        data = dataclasses.replace(data, seq_len=min(DataConfig.seq_len, cfg.model.max_seq_len))
-    if "optim.total_steps" not in explicit:
-        optim = dataclasses.replace(optim, total_steps=cfg.run.steps)
-    if "optim.warmup_steps" not in explicit:
-        warmup = min(optim.warmup_steps, max(cfg.run.steps // 10, 1))
-        optim = dataclasses.replace(optim, warmup_steps=warmup)
-    return dataclasses.replace(cfg, data=data, optim=optim)
+        seq_len = min(DataConfig.seq_len, cfg.model.max_seq_len)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len))
+    return run.schedule_follows_run(cfg, explicit)
 
 
 # Presets are whole experiments; ``run.configure`` fills their derived fields.

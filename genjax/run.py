@@ -505,6 +505,19 @@ def parser(family: Family, description: str | None = None) -> argparse.ArgumentP
     return p
 
 
+def schedule_follows_run(cfg: Any, explicit: frozenset[str]) -> Any:
+    """``cfg`` with its learning-rate schedule (``cfg.optim``, a ``train.OptimConfig``)
+    spanning the run: ``total_steps`` = ``run.steps``, warm-up at most a tenth of it;
+    fields the user set are kept. For a family's ``complete``."""
+    optim = cfg.optim
+    if "optim.total_steps" not in explicit:
+        optim = dataclasses.replace(optim, total_steps=cfg.run.steps)
+    if "optim.warmup_steps" not in explicit:
+        warmup = min(optim.warmup_steps, max(cfg.run.steps // 10, 1))
+        optim = dataclasses.replace(optim, warmup_steps=warmup)
+    return dataclasses.replace(cfg, optim=optim)
+
+
 def configure(family: Family, preset: str, assignments: Sequence[str] = ()) -> Any:
     """The config a run gets: the preset, ``"section.field=value"`` assignments applied
     in order, then the fields that follow others filled in where not assigned."""

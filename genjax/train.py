@@ -134,6 +134,14 @@ def accumulate_gradients(
     return jax.tree.map(lambda x: x / micro_batches, total)
 
 
+def apply_gradients(
+    optimizer: optax.GradientTransformation, params: Any, opt_state: Any, grads: Any
+) -> tuple[Any, Any]:
+    """One optimizer update: (new params, new optimizer state)."""
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
 def ema_update(ema: Any, params: Any, decay: float | jax.Array) -> Any:
     """``decay · ema + (1 − decay) · params``, leaf by leaf, in the EMA's dtype."""
     return jax.tree.map(
@@ -155,8 +163,7 @@ def make_train_step(
         loss, grads = accumulate_gradients(
             grad_fn, state.params, batch, micro_batches=cfg.grad_accum, key=step_key(state)
         )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = apply_gradients(optimizer, state.params, state.opt_state, grads)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 

@@ -1,4 +1,4 @@
-"""Language-model decoding: token ids (``decode``) and text (``text``)."""
+"""Sampling: language-model decoding (``decode``, ``text``) and diffusion samplers (``diffusion``)."""
 
 from genjax.sampling.decode import Decoder, Generation, SamplingParams, generate
 from genjax.sampling.text import generate_text

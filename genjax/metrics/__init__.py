@@ -1,0 +1,1 @@
+"""Sample-quality metrics, each by a published protocol."""
