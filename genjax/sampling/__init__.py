@@ -1,4 +1,4 @@
-"""Sampling: language-model decoding (``decode``, ``text``) and diffusion samplers (``diffusion``)."""
+"""Sampling: language-model decoding (``decode``, ``text``); diffusion samplers (``diffusion``)."""
 
 from genjax.sampling.decode import Decoder, Generation, SamplingParams, generate
 from genjax.sampling.text import generate_text
