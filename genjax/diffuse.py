@@ -66,7 +66,9 @@ class SampleConfig:
     """How evaluation (and ``draw`` by default) samples."""
 
     sampler: str = "heun"  # heun | dpmpp2m | ddim | pc | ode | em
-    steps: int = 64  # noise levels (the adaptive ODE picks its own)
+    # Noise levels (the adaptive ODE picks its own). Ring, one trained run, two sample
+    # seeds: Heun at 64 levels 97.8/98.2% high quality, at 128 98.7/98.7%, at 256 98.6/98.5%.
+    steps: int = 128
     num: int = 2500  # samples scored, by the PacGAN protocol's count
     seed: int = 0
 
