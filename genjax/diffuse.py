@@ -1,11 +1,17 @@
-"""The diffusion family on the shared run layer: score-based models of 2-D mixtures.
+"""The diffusion family on the shared run layer: 2-D mixtures and images.
 
-exact mixture samples → grain iterator (per process) → the run layer → a
-denoising-score-matching step that keeps an EMA of the weights → evaluation:
-samples from the EMA weights scored by the PacGAN protocol; at the end the
-workdir gets ``samples.npy``, ``samples.png`` (the samples over the true
-density's contours) and ``eval.json``. ``FAMILY`` is what
-``experiments/diffusion_2d.py`` hands to ``run.main``; ``draw`` samples any run.
+data (exact mixture points, or images: scikit-learn's digits or a user's
+``.npy``) → grain iterator (per process) → the run layer → a denoising
+score-matching step that keeps an EMA of the weights (and, for a conditional
+model, drops the condition for classifier-free guidance) → evaluation: samples
+from the EMA weights scored by the PacGAN protocol (2-D) or in a classifier's
+features next to the real-vs-real floor, with the test set's bits/dim by the
+probability-flow ODE (images). At the end the workdir gets ``samples.npy``,
+``samples.png`` and ``eval.json``.
+
+Two families share everything here and differ only in their presets:
+``FAMILY`` (2-D mixtures, ``experiments/diffusion_2d.py``) and ``IMAGES``
+(digits, ``experiments/diffusion_digits.py``). ``draw`` samples any run.
 """
 
 from __future__ import annotations
@@ -23,42 +29,97 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from genjax import evaluate as evallib
 from genjax import mesh as meshlib
 from genjax import run, train
+from genjax.data import images as imagelib
 from genjax.data import toy2d
+from genjax.metrics import images as image_metrics
 from genjax.metrics.modes import mode_metrics
 from genjax.models import diffusion
+from genjax.nn.conditioning import encode_text
+from genjax.nn.dit import DiT, DiTConfig
 from genjax.nn.mlp import NoiseMLP
+from genjax.nn.unet import UNet, UNetConfig
 from genjax.sampling import diffusion as samplers
+from genjax.sampling.likelihood import log_likelihood
+
+ARCHS = ("mlp", "unet", "dit")
+CONDITIONS = ("none", "class", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+    hidden: int = 256  # width of every hidden layer
+    layers: int = 5  # hidden layers
+    embed: int = 64  # sinusoidal features of the noise input
+
+    def __post_init__(self):
+        if min(self.hidden, self.layers, self.embed) < 1 or self.embed % 2:
+            raise ValueError("mlp config: hidden, layers >= 1 and an even embed >= 2")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    hidden: int = 256  # width of every hidden layer
-    layers: int = 5  # hidden layers
-    embed: int = 64  # sinusoidal features of the noise input
+    arch: str = "mlp"  # mlp (2-D points) | unet | dit (images)
+    condition: str = "none"  # none | class (label embedding) | text (the class name, in words)
+    # Share of training examples whose condition is replaced by the null one, so that
+    # one network is also the unconditional model classifier-free guidance needs.
+    cond_dropout: float = 0.1
     ema_decay: float = 0.999  # per update; sampling and evaluation use the EMA weights
+    # Filled in from the data (``complete``): one example's shape, and its classes.
+    shape: tuple[int, ...] = (2,)
+    num_classes: int = 0
+    mlp: MLPConfig = dataclasses.field(default_factory=MLPConfig)
+    unet: UNetConfig = dataclasses.field(default_factory=UNetConfig)
+    dit: DiTConfig = dataclasses.field(default_factory=DiTConfig)
 
     def __post_init__(self):
-        if min(self.hidden, self.layers, self.embed) < 1 or self.embed % 2:
-            raise ValueError("model config: hidden, layers >= 1 and an even embed >= 2")
+        if self.arch not in ARCHS:
+            raise ValueError(f"model config: unknown arch {self.arch!r}; choose one of {ARCHS}")
+        if self.condition not in CONDITIONS:
+            raise ValueError(
+                f"model config: unknown condition {self.condition!r}; choose one of {CONDITIONS}"
+            )
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError(f"model config: cond_dropout={self.cond_dropout} must be in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"model config: ema_decay={self.ema_decay} must be in [0, 1)")
+
+    @property
+    def conditional(self) -> bool:
+        return self.condition != "none"
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "ring"  # ring | grid (genjax.data.toy2d)
-    size: int = 200_000  # training points, drawn once from the exact mixture
-    global_batch_size: int = 512  # points per update, summed over processes
+    # ring | grid: 2-D points (genjax.data.toy2d); digits | PATH.npy: images
+    # (genjax.data.images; an array [N, H, W, C] of integer levels).
+    dataset: str = "ring"
+    labels: str = ""  # PATH.npy images: a .npy of their integer labels, for a conditional model
+    levels: int = 0  # PATH.npy images: gray levels (0: 256 for uint8, else the largest + 1)
+    size: int = 200_000  # 2-D: training points, drawn once from the exact mixture
+    global_batch_size: int = 512  # examples per update, summed over processes
     seed: int = 0  # draw and shuffle
 
     def __post_init__(self):
-        toy2d.get(self.dataset)
+        if self.dataset not in toy2d.DATASETS and not self.is_images:
+            raise ValueError(
+                f"data config: unknown dataset {self.dataset!r}; choose one of "
+                f"{sorted(toy2d.DATASETS)}, 'digits' or the path of an image array (.npy)"
+            )
         if self.size < 1 or self.global_batch_size < 1:
             raise ValueError("data config: size and global_batch_size must be positive")
+
+    @property
+    def is_images(self) -> bool:
+        return self.dataset == "digits" or self.dataset.endswith(".npy")
+
+    def load_images(self) -> imagelib.Images:
+        return imagelib.load(self.dataset, labels=self.labels or None, levels=self.levels or None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,13 +130,19 @@ class SampleConfig:
     # Noise levels (the adaptive ODE picks its own). Ring, one trained run, two sample
     # seeds: Heun at 64 levels 97.8/98.2% high quality, at 128 98.7/98.7%, at 256 98.6/98.5%.
     steps: int = 128
-    num: int = 2500  # samples scored, by the PacGAN protocol's count
+    num: int = 2500  # samples scored (PacGAN's count for 2-D)
     seed: int = 0
+    # Classifier-free guidance of a conditional model: D = D_∅ + w·(D_c − D_∅);
+    # 0 is the unconditional model, 1 the conditional one, > 1 guided.
+    guidance: float = 1.0
+    nll: bool = True  # images: the test split's bits/dim by the probability-flow ODE
 
     def __post_init__(self):
         samplers.get(self.sampler)
         if self.steps < 1 or self.num < 1:
             raise ValueError(f"sample config: steps={self.steps} and num={self.num} must be >= 1")
+        if self.guidance < 0:
+            raise ValueError(f"sample config: guidance={self.guidance} must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,26 +172,51 @@ class State(NamedTuple):
     rng: jax.Array  # uint32 key data; step keys are fold_in(rng, step)
 
 
-# Logical axis -> mesh axis: the hidden width is split over fsdp.
+# Logical axis -> mesh axis: widths over fsdp, attention heads and MLP hiddens over tensor.
 RULES: meshlib.Rules = {
     "batch": meshlib.BATCH_AXES,
-    "hidden": "fsdp",
+    "hidden": "fsdp",  # the 2-D MLP
     "hidden_in": None,
     "layers": None,
+    "channels": "fsdp",  # U-Net feature channels
+    "channels_in": None,
+    "conv_h": None,
+    "conv_w": None,
+    "embed": "fsdp",  # conditioning and DiT width
+    "heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": None,
+    "seq": None,
 }
-DIM = 2  # 2-D points
 
 
 # ----------------------------------------------------------------------------- the network
 
 
+def _arch_config(cfg: ModelConfig):
+    """The network's own config, with the data's shape and the conditioning filled in."""
+    if cfg.arch == "mlp":
+        return cfg.mlp
+    arch = cfg.unet if cfg.arch == "unet" else cfg.dit
+    return dataclasses.replace(
+        arch,
+        image_channels=cfg.shape[-1],
+        num_classes=cfg.num_classes if cfg.condition == "class" else 0,
+        text=cfg.condition == "text",
+    )
+
+
+def _module(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    arch = _arch_config(cfg)
+    if cfg.arch == "mlp":
+        return NoiseMLP(cfg.shape[0], arch.hidden, arch.layers, arch.embed, rngs=rngs)
+    return (UNet if cfg.arch == "unet" else DiT)(arch, rngs=rngs)
+
+
 @functools.lru_cache(maxsize=16)
 def _abstract(cfg: ModelConfig):
     return nnx.split(nnx.eval_shape(lambda: _module(cfg, nnx.Rngs(0))))
-
-
-def _module(cfg: ModelConfig, rngs: nnx.Rngs) -> NoiseMLP:
-    return NoiseMLP(DIM, cfg.hidden, cfg.layers, cfg.embed, rngs=rngs)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
@@ -138,16 +230,68 @@ def param_axes(cfg: ModelConfig) -> dict:
 
 
 def net(cfg: ModelConfig, params: dict):
-    """(x [B, D], noise input [B]) -> output [B, D] with these weights."""
+    """(x [B, ...], noise input [B], **condition) -> output [B, ...] with these weights."""
     graphdef, abstract = _abstract(cfg)
     state = jax.tree.map(lambda x: x, abstract)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 
-def denoiser(cfg: Config, params: dict) -> samplers.Denoiser:
+# ----------------------------------------------------------------------------- conditioning
+
+
+def class_texts(cfg: ModelConfig) -> np.ndarray:
+    """int32 [classes + 1, L]: each class's name in words as byte tokens, and last the
+    empty text, the null condition."""
+    names = [*imagelib.class_names(cfg.num_classes), ""]
+    return encode_text(names, _arch_config(cfg).text_len)
+
+
+def condition(cfg: ModelConfig, label_B: jax.Array | None) -> dict[str, jax.Array]:
+    """The network's keyword inputs for labels [B] (``cfg.num_classes`` = the null one)."""
+    if not cfg.conditional:
+        return {}
+    if cfg.condition == "class":
+        return {"label_B": label_B}
+    return {"text_BL": jnp.asarray(class_texts(cfg))[label_B]}
+
+
+def drop_condition(cfg: ModelConfig, label_B: jax.Array, key: jax.Array) -> jax.Array:
+    """Labels with a ``cond_dropout`` share replaced by the null label."""
+    dropped = jax.random.bernoulli(key, cfg.cond_dropout, label_B.shape)
+    return jnp.where(dropped, cfg.num_classes, label_B)
+
+
+def denoiser(
+    cfg: Config, params: dict, label_B: jax.Array | None = None, guidance: float = 1.0
+) -> samplers.Denoiser:
+    """D(x̂, σ) of these weights: unconditional, or for labels [B] with guidance w
+    (both halves in one network call of twice the batch)."""
     model = net(cfg.model, params)
-    return lambda x_hat, sigma_B: diffusion.denoise(cfg.process, model, x_hat, sigma_B)
+
+    def denoise(x_hat, sigma_B, label_B):
+        f = lambda x, noise: model(x, noise, **condition(cfg.model, label_B))
+        return diffusion.denoise(cfg.process, f, x_hat, sigma_B)
+
+    if not cfg.model.conditional:
+        return lambda x_hat, sigma_B: denoise(x_hat, sigma_B, None)
+    if label_B is None:  # the unconditional model: the null condition
+        null = lambda x_hat: jnp.full(x_hat.shape[:1], cfg.model.num_classes, jnp.int32)
+        return lambda x_hat, sigma_B: denoise(x_hat, sigma_B, null(x_hat))
+    if guidance == 1:
+        return lambda x_hat, sigma_B: denoise(x_hat, sigma_B, label_B)
+
+    def guided(x_hat, sigma_B):
+        null_B = jnp.full_like(label_B, cfg.model.num_classes)
+        both = denoise(
+            jnp.concatenate([x_hat, x_hat]),
+            jnp.concatenate([sigma_B, sigma_B]),
+            jnp.concatenate([label_B, null_B]),
+        )
+        conditional, unconditional = jnp.split(both, 2)
+        return unconditional + guidance * (conditional - unconditional)
+
+    return guided
 
 
 # ----------------------------------------------------------------------------- the family
@@ -168,7 +312,12 @@ def make_step(cfg: Config):
     optimizer, schedule = make_optimizer(cfg), train.make_schedule(cfg.optim)
 
     def loss_fn(params, batch, *, key):
-        per_example = diffusion.loss(cfg.process, net(cfg.model, params), batch["x"], key=key)
+        label_B = None
+        if cfg.model.conditional:
+            label_B = drop_condition(cfg.model, batch["label"], jax.random.fold_in(key, 1))
+        model = net(cfg.model, params)
+        f = lambda x, noise: model(x, noise, **condition(cfg.model, label_B))
+        per_example = diffusion.loss(cfg.process, f, batch["x"], key=key)
         return jnp.mean(per_example), {}
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -186,29 +335,88 @@ def make_step(cfg: Config):
     return step
 
 
+# ----------------------------------------------------------------------------- sampling
+
+
 def sigmas(cfg: Config, steps: int) -> jax.Array:
     """The sampling schedule: EDM's, over the noise levels the process was trained on."""
     sigma_lo, sigma_hi = cfg.process.sigma_range()
     return samplers.karras_sigmas(steps, max(sigma_lo, 1e-4), sigma_hi)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "steps", "num"))
-def _draw(cfg: Config, params, key, *, sampler: str, steps: int, num: int) -> jax.Array:
-    k_prior, k_sample = jax.random.split(key)
-    x = cfg.process.prior_sample(k_prior, (num, DIM))
-    return samplers.get(sampler)(denoiser(cfg, params), x, sigmas(cfg, steps), key=k_sample)
+@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "steps", "guidance"))
+def _sample(cfg: Config, params, x, label_B, key, *, sampler: str, steps: int, guidance: float):
+    d = denoiser(cfg, params, label_B, guidance)
+    return samplers.get(sampler)(d, x, sigmas(cfg, steps), key=key)
+
+
+def sample_labels(cfg: ModelConfig, num: int) -> np.ndarray | None:
+    """The classes ``num`` conditional samples are drawn for: 0, 1, …, K−1, 0, 1, …"""
+    return np.arange(num, dtype=np.int32) % cfg.num_classes if cfg.conditional else None
 
 
 def draw(
-    cfg: Config, params, *, num: int, seed: int = 0, sampler: str | None = None, steps: int = 0
+    cfg: Config,
+    params,
+    *,
+    num: int,
+    seed: int = 0,
+    sampler: str | None = None,
+    steps: int = 0,
+    guidance: float | None = None,
+    labels: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``num`` samples [num, 2] from ``params`` (the EMA weights, normally)."""
+    """``num`` samples [num, *shape] from ``params`` (the EMA weights, normally), in the
+    model's units; conditional models draw for ``labels`` (default ``sample_labels``).
+
+    The batch is split over this process's devices (padded to a multiple of them).
+    """
     sampler = sampler or cfg.sample.sampler
     samplers.get(sampler)
     steps = steps or cfg.sample.steps
-    params = evallib.gather_to_host(params)  # whole on every process, multi-host too
+    guidance = cfg.sample.guidance if guidance is None else guidance
+    if guidance != cfg.sample.guidance and not cfg.model.conditional:
+        raise ValueError(
+            "guidance needs a class- or text-conditional model; this one is unconditional"
+        )
+    if cfg.model.conditional:
+        labels = sample_labels(cfg.model, num) if labels is None else np.asarray(labels, np.int32)
+    mesh = evallib.make_eval_mesh()
+    rows = -(-num // mesh.size) * mesh.size
+    batch_sharding = NamedSharding(mesh, P(evallib.AXIS))
+    k_prior, k_sample = jax.random.split(jax.random.key(seed))
+    x = cfg.process.prior_sample(k_prior, (rows, *cfg.model.shape))
+    x = jax.device_put(x, batch_sharding)
+    label_B = None if labels is None else jax.device_put(np.resize(labels, rows), batch_sharding)
+    params = jax.device_put(evallib.gather_to_host(params), NamedSharding(mesh, P()))
+    out = _sample(cfg, params, x, label_B, k_sample, sampler=sampler, steps=steps,
+                  guidance=float(guidance))  # fmt: skip
+    return np.asarray(out)[:num]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "levels"))
+def _test_log_likelihood(cfg: Config, params, x_int, key, *, levels: int):
+    k_deq, k_probe = jax.random.split(key)
+    x0 = imagelib.dequantize(x_int, levels, key=k_deq)
+    return log_likelihood(denoiser(cfg, params), cfg.process, x0, key=k_probe)
+
+
+def test_bits_per_dim(cfg: Config, params, images: imagelib.Images, *, seed: int = 0) -> float:
+    """The test split's bits/dim under the unconditional model (the null condition),
+    dequantized uniformly, by the probability-flow ODE; split over this process's
+    devices in one solve."""
+    mesh = evallib.make_eval_mesh()
+    rows = -(-len(images.test) // mesh.size) * mesh.size
+    x_int = np.resize(images.test, (rows, *images.shape))  # pads by repeating from the start
+    x_int = jax.device_put(x_int, NamedSharding(mesh, P(evallib.AXIS)))
+    params = jax.device_put(evallib.gather_to_host(params), NamedSharding(mesh, P()))
     key = jax.random.key(seed)
-    return np.asarray(_draw(cfg, params, key, sampler=sampler, steps=steps, num=num))
+    logp = np.asarray(_test_log_likelihood(cfg, params, x_int, key, levels=images.levels))
+    nll = -logp[: len(images.test)]
+    return float(np.mean(imagelib.bits_per_dim(nll, images.dims, images.levels)))
+
+
+# ----------------------------------------------------------------------------- data and evaluation
 
 
 def check(cfg: Config, mesh) -> None:
@@ -217,12 +425,16 @@ def check(cfg: Config, mesh) -> None:
     local = cfg.data.global_batch_size // jax.process_count()
     if local % cfg.optim.grad_accum:
         raise ValueError(
-            f"optim.grad_accum={cfg.optim.grad_accum} does not divide the {local} points "
+            f"optim.grad_accum={cfg.optim.grad_accum} does not divide the {local} examples "
             "each process feeds an update"
         )
 
 
 def data(cfg: Config, workdir: pathlib.Path) -> run.Data:
+    return _image_data(cfg, workdir) if cfg.data.is_images else _point_data(cfg, workdir)
+
+
+def _point_data(cfg: Config, workdir: pathlib.Path) -> run.Data:
     mixture = toy2d.get(cfg.data.dataset)
     points = mixture.sample(cfg.data.size, seed=cfg.data.seed)
     n, i = jax.process_count(), jax.process_index()
@@ -238,9 +450,11 @@ def data(cfg: Config, workdir: pathlib.Path) -> run.Data:
 
     def finish(state: State, metrics: dict[str, float]) -> None:
         if jax.process_index() == 0:
-            write_outputs(workdir, cfg, mixture, last["samples"], metrics)
-        scores = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        print(f"{cfg.data.dataset}: {scores} ({cfg.sample.num} samples, {cfg.sample.sampler})")
+            floor = mode_metrics(mixture.sample(cfg.sample.num, seed=cfg.sample.seed + 1), mixture)
+            write_report(workdir, {"samples": metrics, "perfect_sampler": floor})
+            np.save(workdir / "samples.npy", last["samples"])
+            plot_points(workdir / "samples.png", mixture, last["samples"], metrics)
+        _print_scores(cfg, metrics)
 
     return run.Data(
         batches=iterator,
@@ -251,28 +465,82 @@ def data(cfg: Config, workdir: pathlib.Path) -> run.Data:
     )
 
 
-def write_outputs(workdir, cfg: Config, mixture: toy2d.Mixture, samples, metrics) -> None:
-    """``samples.npy``, ``samples.png`` and ``eval.json`` in ``workdir``."""
+def score_images(cfg: Config, samples_unit: np.ndarray, images: imagelib.Images) -> dict:
+    """The classifier's scores of samples [N, H, W, C] in [−1, 1] (labelled data only)."""
+    if images.train_labels is None:
+        return {}
+    classifier = image_metrics.train_classifier(images)
+    labels = sample_labels(cfg.model, len(samples_unit))
+    return image_metrics.image_metrics(samples_unit, images, classifier, labels=labels)
+
+
+def _image_data(cfg: Config, workdir: pathlib.Path) -> run.Data:
+    images = cfg.data.load_images()
+    iterator = imagelib.batches(images, cfg.data.global_batch_size, seed=cfg.data.seed)
+    last: dict[str, np.ndarray] = {}
+
+    def evaluate(state: State) -> dict[str, float]:
+        s = cfg.sample
+        last["samples"] = draw(cfg, state.ema_params, num=s.num, seed=s.seed)
+        metrics = score_images(cfg, last["samples"], images)
+        if s.nll:
+            metrics["test_bits_per_dim"] = test_bits_per_dim(cfg, state.ema_params, images)
+        return metrics
+
+    def finish(state: State, metrics: dict[str, float]) -> None:
+        if jax.process_index() == 0:
+            report = {"samples": metrics, "num": cfg.sample.num}
+            if images.train_labels is not None:
+                classifier = image_metrics.train_classifier(images)
+                report["real_vs_real"] = image_metrics.real_floor(
+                    images, classifier, cfg.sample.num, seed=cfg.sample.seed
+                )
+                report["classifier_test_accuracy"] = classifier.test_accuracy
+            write_report(workdir, report)
+            levels = imagelib.to_levels(last["samples"], images.levels)
+            np.save(workdir / "samples.npy", levels[..., 0] if levels.shape[-1] == 1 else levels)
+            plot_images(workdir / "samples.png", cfg, levels, images, metrics)
+        _print_scores(cfg, metrics)
+
+    return run.Data(
+        batches=iterator,
+        evaluate=evaluate,
+        finish=finish,
+        describe=f"{len(images.train):,} {images.name} images {images.shape}",
+        throughput=("images", cfg.data.global_batch_size),
+    )
+
+
+def _print_scores(cfg: Config, metrics: dict[str, float]) -> None:
+    scores = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    print(f"{cfg.data.dataset}: {scores} ({cfg.sample.num} samples, {cfg.sample.sampler})")
+
+
+def write_report(workdir: pathlib.Path, report: dict) -> None:
+    """``eval.json``: JSON has no infinity, so a reverse KL with no mode captured is
+    written as the string "Infinity"."""
+    text = json.dumps(report, indent=2).replace("Infinity", '"Infinity"')
+    (pathlib.Path(workdir) / "eval.json").write_text(text + "\n")
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    workdir = pathlib.Path(workdir)
-    np.save(workdir / "samples.npy", samples)
-    floor = mode_metrics(mixture.sample(len(samples), seed=cfg.sample.seed + 1), mixture)
-    report = {"samples": metrics, "perfect_sampler": floor, "num": len(samples)}
-    # JSON has no infinity: a reverse KL with no mode captured is written as a string.
-    text = json.dumps(report, indent=2).replace("Infinity", '"Infinity"')
-    (workdir / "eval.json").write_text(text + "\n")
+    return plt
+
+
+def plot_points(path, mixture: toy2d.Mixture, samples, metrics) -> None:
+    """The samples over contours of the true density at 1, 2 and 3 std from each mode."""
+    plt = _pyplot()
     extent = np.abs(mixture.means).max() + 0.5
     axis = np.linspace(-extent, extent, 801)
     grid = np.stack(np.meshgrid(axis, axis), -1).reshape(-1, 2)
     log_density = mixture.log_prob(grid).reshape(len(axis), len(axis))
-    top = log_density.max()
+    levels = log_density.max() - np.array([4.5, 2.0, 0.5])
     fig, ax = plt.subplots(figsize=(5, 5))
-    # Contours of the true density at 1, 2 and 3 standard deviations from each mode.
-    levels = top - np.array([4.5, 2.0, 0.5])
     ax.contour(axis, axis, log_density, levels=levels, colors="tab:blue", linewidths=0.6,
                linestyles="solid")  # fmt: skip
     ax.scatter(samples[:, 0], samples[:, 1], s=1, c="black", alpha=0.5)
@@ -281,12 +549,74 @@ def write_outputs(workdir, cfg: Config, mixture: toy2d.Mixture, samples, metrics
         f"{mixture.name}: {metrics['modes']}/{len(mixture.means)} modes, "
         f"{100 * metrics['high_quality']:.1f}% high quality, reverse KL {metrics['reverse_kl']:.4f}"
     )
-    fig.savefig(workdir / "samples.png", dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
+def plot_images(path, cfg: Config, levels: np.ndarray, images: imagelib.Images, metrics) -> None:
+    """A grid of samples on the data's scale: one row per class for a conditional model."""
+    plt = _pyplot()
+    pixels = levels[..., 0] if levels.shape[-1] == 1 else levels
+    if cfg.model.conditional:  # each class's first ten samples
+        labels = sample_labels(cfg.model, len(levels))
+        rows = [np.flatnonzero(labels == k)[:10] for k in range(cfg.model.num_classes)]
+    else:
+        rows = [np.arange(len(levels))[r : r + 16] for r in range(0, min(len(levels), 128), 16)]
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(0.6 * cols, 0.6 * len(rows)), squeeze=False)
+    for r, picks in enumerate(rows):
+        for ax in axes[r]:
+            ax.axis("off")
+        for ax, i in zip(axes[r], picks, strict=False):
+            ax.imshow(pixels[i], cmap="gray_r", vmin=0, vmax=images.levels - 1)
+        if cfg.model.conditional:
+            axes[r][0].set_title(images.class_names[r], fontsize=6, loc="left")
+    shown = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if k in _SHOWN)
+    fig.suptitle(f"{images.name}: {shown}", fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+_SHOWN = ("frechet_distance", "class_coverage", "conditional_accuracy", "test_bits_per_dim")
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def complete(cfg: Config, explicit: frozenset[str]) -> Config:
+    """The schedule follows the run; the model takes the data's shape and classes."""
+    cfg = run.schedule_follows_run(cfg, explicit)
+    model = cfg.model
+    if not cfg.data.is_images:
+        if model.arch != "mlp" or model.conditional:
+            raise ValueError(
+                f"data.dataset={cfg.data.dataset!r} is unlabelled 2-D points: use "
+                "model.arch=mlp and model.condition=none"
+            )
+        return dataclasses.replace(cfg, model=dataclasses.replace(model, shape=(2,)))
+    if model.arch == "mlp":
+        raise ValueError("images need model.arch=unet or model.arch=dit")
+    images = cfg.data.load_images()
+    if model.conditional and images.train_labels is None:
+        raise ValueError(
+            f"model.condition={model.condition} needs labels; give them with "
+            "data.labels=PATH.npy or set model.condition=none"
+        )
+    height, width, _ = images.shape
+    scale = model.unet.downsampling if model.arch == "unet" else model.dit.patch
+    if height % scale or width % scale:
+        knob = "model.unet.channel_mult" if model.arch == "unet" else "model.dit.patch"
+        raise ValueError(
+            f"{images.name}: images of {height}×{width} do not divide by {scale}, what the "
+            f"{model.arch} shrinks them by; change {knob}"
+        )
+    num_classes = images.num_classes if model.conditional else 0
+    model = dataclasses.replace(model, shape=images.shape, num_classes=num_classes)
+    return dataclasses.replace(cfg, model=model)
+
+
 def _add_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=sorted(toy2d.DATASETS), help="the 2-D mixture")
+    p.add_argument("--dataset", help="ring | grid (2-D), digits | PATH.npy (images)")
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -297,17 +627,43 @@ PRESETS = {
     "default": Config(),
     # Seconds on a CPU: a small network, few updates, few samples.
     "tiny": Config(
-        model=ModelConfig(hidden=32, layers=2, embed=16),
+        model=ModelConfig(mlp=MLPConfig(hidden=32, layers=2, embed=16)),
         data=DataConfig(size=4096, global_batch_size=64),
         run=run.RunConfig(steps=40, checkpoint_every=20, log_every=10),
         sample=SampleConfig(steps=8, num=256),
     ),
 }
 
-FAMILY = run.Family(
+# Digits: EDM with its own training noise levels, a class-conditional U-Net.
+_DIGITS = Config(
+    model=ModelConfig(arch="unet", condition="class", ema_decay=0.999),
+    process=diffusion.Process(),
+    optim=train.OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=200),
+    data=DataConfig(dataset="digits", global_batch_size=128),
+    run=run.RunConfig(steps=8000, checkpoint_every=1000, log_every=100),
+    sample=SampleConfig(steps=32, num=1000, guidance=1.5),
+)
+IMAGE_PRESETS = {
+    "default": _DIGITS,
+    "tiny": dataclasses.replace(
+        _DIGITS,
+        model=ModelConfig(
+            arch="unet",
+            condition="class",
+            # One level: the fewest programs to compile.
+            unet=UNetConfig(
+                channels=8, channel_mult=(1,), attention_levels=(0,), groups=4, embed=16, heads=2
+            ),
+            dit=DiTConfig(width=16, depth=1, heads=2, mlp_ratio=2),
+        ),
+        data=DataConfig(dataset="digits", global_batch_size=32),
+        run=run.RunConfig(steps=20, checkpoint_every=10, log_every=10),
+        sample=SampleConfig(steps=4, num=40, guidance=1.5),
+    ),
+}
+
+_SHARED = dict(
     name="diffusion",
-    presets=PRESETS,
-    default_preset="default",
     init=init,
     param_axes=lambda cfg: {"params": param_axes(cfg.model), "ema_params": param_axes(cfg.model)},
     rules=RULES,
@@ -315,7 +671,9 @@ FAMILY = run.Family(
     data=data,
     check=check,
     compare=("model", "process", "data"),
-    complete=run.schedule_follows_run,
+    complete=complete,
     add_flags=_add_flags,
     flag_overrides=_flag_overrides,
 )
+FAMILY = run.Family(presets=PRESETS, default_preset="default", **_SHARED)
+IMAGES = run.Family(presets=IMAGE_PRESETS, default_preset="default", **_SHARED)

@@ -3,9 +3,10 @@
     python -m genjax.sample --workdir DIR [--sampler heun|dpmpp2m|ddim|pc|ode|em]
         [--steps N] [--num N] [--seed S] [--guidance W] [--out FILE]
 
-Writes the samples as ``.npy`` (default ``DIR/samples-<sampler>-<steps>.npy``) and
-prints how they score by the run's own evaluation (modes, % high quality and
-reverse KL for a 2-D mixture).
+Writes the samples as ``.npy`` (default ``DIR/samples-<sampler>-<steps>.npy``; images
+on the data's own scale) and prints how they score by the run's own evaluation
+(modes, % high quality and reverse KL for a 2-D mixture; a classifier's scores
+for labelled images). ``--guidance`` is for class- or text-conditional runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import numpy as np
 
 from genjax import diffuse, run
+from genjax.data import images as imagelib
 from genjax.data import toy2d
 from genjax.metrics.modes import mode_metrics
 from genjax.sampling import diffusion as samplers
@@ -24,7 +26,7 @@ from genjax.sampling import diffusion as samplers
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Samples from a diffusion run's EMA weights.")
-    p.add_argument("--workdir", required=True, help="a run of experiments/diffusion_2d.py")
+    p.add_argument("--workdir", required=True, help="a run of experiments/diffusion_*.py")
     p.add_argument("--sampler", help=f"one of {sorted(samplers.SAMPLERS)} (default: the run's)")
     p.add_argument("--steps", type=int, help="noise levels (default: the run's)")
     p.add_argument("--num", type=int, default=2500, help="how many samples")
@@ -39,24 +41,32 @@ def main(argv=None) -> int:
             raise ValueError(f"--steps={args.steps} must be >= 1")
         if args.num < 1:
             raise ValueError(f"--num={args.num} must be >= 1")
-        if args.guidance is not None:
-            raise ValueError(
-                "--guidance needs a class- or text-conditional model; this run is "
-                "unconditional: leave --guidance out"
-            )
+        if args.guidance is not None and args.guidance < 0:
+            raise ValueError(f"--guidance={args.guidance} must be >= 0")
         with run.one_line_warnings():
+            cfg = run.saved_config(args.workdir, diffuse.FAMILY)
+            if args.guidance is not None and not cfg.model.conditional:
+                raise ValueError(
+                    "--guidance needs a class- or text-conditional model; this run is "
+                    "unconditional: leave --guidance out"
+                )
             loaded = run.load(args.workdir, diffuse.FAMILY)
     except run.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = loaded.cfg
     sampler, steps = args.sampler or cfg.sample.sampler, args.steps or cfg.sample.steps
     samples = diffuse.draw(
-        cfg, loaded.state.ema_params, num=args.num, seed=args.seed, sampler=sampler, steps=steps
-    )
+        cfg, loaded.state.ema_params, num=args.num, seed=args.seed, sampler=sampler,
+        steps=steps, guidance=args.guidance,
+    )  # fmt: skip
     out = args.out or pathlib.Path(args.workdir) / f"samples-{sampler}-{steps}.npy"
-    np.save(out, samples)
-    scores = mode_metrics(samples, toy2d.get(cfg.data.dataset))
+    if cfg.data.is_images:
+        images = cfg.data.load_images()
+        scores = diffuse.score_images(cfg, samples, images)
+        np.save(out, imagelib.to_levels(samples, images.levels))
+    else:
+        scores = mode_metrics(samples, toy2d.get(cfg.data.dataset))
+        np.save(out, samples)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
     print(f"step {loaded.step}, {sampler} with {steps} steps: {shown}; wrote {out}")
     return 0

@@ -130,7 +130,7 @@ def test_bad_config_values_are_clear_errors(tmp_path, capsys):
         ("sample.sampler=magic", "unknown sampler 'magic'"),
         ("process.sde=cosine", "sde='cosine'"),
         ("sample.steps=0", "steps=0 and num=2500 must be >= 1"),
-        ("data.dataset=spiral", "unknown 2-D dataset 'spiral'"),
+        ("data.dataset=spiral", "unknown dataset 'spiral'"),
     ]:
         argv = ["--workdir", str(tmp_path / "w"), "--set", assignment]
         assert run.main(diffuse.FAMILY, argv) == 2

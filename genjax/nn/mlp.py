@@ -3,8 +3,8 @@
 Glossary: B batch, D data dimensions, H hidden width, E noise-embedding width.
 
 The noise input (EDM's c_noise = ¼ ln σ, or the diffusion time t) enters as
-fixed sinusoidal features (``noise_features``), mapped to every hidden layer's
-width and added before its activation.
+fixed sinusoidal features (``conditioning.noise_features``), mapped to every
+hidden layer's width and added before its activation.
 """
 
 from __future__ import annotations
@@ -15,17 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from genjax.nn.conditioning import noise_features
 from genjax.nn.layers import einsum, param
-
-
-def noise_features(noise_B: jax.Array, dim: int, max_frequency: float = 1000.0) -> jax.Array:
-    """[B, dim] sines and cosines of the noise input at frequencies from 1 to
-    ``max_frequency``, geometrically spaced: fine enough for t in [0, 1] and for
-    ¼ ln σ alike."""
-    half = dim // 2
-    freqs_K = jnp.exp(jnp.linspace(0.0, math.log(max_frequency), half))
-    angles_BK = noise_B[:, None].astype(jnp.float32) * freqs_K
-    return jnp.concatenate([jnp.sin(angles_BK), jnp.cos(angles_BK)], axis=-1)
 
 
 class NoiseMLP(nnx.Module):
