@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genjax import diffuse, run, sample, train
+from genjax import diffuse, run, sample
 from genjax import mesh as meshlib
 from genjax.metrics_log import read_metrics
+from tests.test_diffuse import train_by_hand
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = run.configure(diffuse.IMAGES, "tiny")
@@ -79,18 +80,6 @@ def test_text_condition_reads_the_class_names_in_words():
     assert not texts[10].any()  # the null condition: the empty text, all padding
 
 
-def _train_by_hand(cfg, mesh, steps):
-    _, shardings = run.abstract_state(cfg, diffuse.IMAGES, mesh)
-    state = train.create_state(lambda k: diffuse.init(cfg, k), shardings, mesh, jax.random.key(0))
-    step = train.jit_train_step(diffuse.make_step(cfg), shardings, mesh)
-    batches = diffuse.data(cfg, None).batches
-    losses = []
-    for _ in range(steps):
-        state, metrics = step(state, meshlib.global_batch(next(batches), mesh))
-        losses.append(float(metrics["loss"]))
-    return np.array(losses), state
-
-
 @pytest.mark.parametrize(
     ("arch", "mesh"),
     [("unet", "data=4,fsdp=2"), ("dit", "data=2,fsdp=2,tensor=2")],
@@ -100,8 +89,10 @@ def test_sharded_training_equals_one_device(arch, mesh):
     cfg = run.configure(
         diffuse.IMAGES, "tiny", [f"model.arch={arch}", f"model.condition={condition}"]
     )
-    one, state_one = _train_by_hand(cfg, meshlib.make_mesh("data=1", jax.devices()[:1]), 3)
-    many, state_many = _train_by_hand(cfg, meshlib.make_mesh(mesh), 3)
+    one, state_one = train_by_hand(
+        cfg, meshlib.make_mesh("data=1", jax.devices()[:1]), 3, diffuse.IMAGES
+    )
+    many, state_many = train_by_hand(cfg, meshlib.make_mesh(mesh), 3, diffuse.IMAGES)
     np.testing.assert_allclose(many, one, rtol=2e-5)
     for a, b in zip(jax.tree.leaves(state_many.ema_params), jax.tree.leaves(state_one.ema_params),
                     strict=True):  # fmt: skip

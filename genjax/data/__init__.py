@@ -1,4 +1,5 @@
-"""Input pipelines: corpora on disk and grain text pipelines."""
+"""Input pipelines: corpora on disk and grain text pipelines; exact 2-D mixtures
+(``genjax.data.toy2d``) and image arrays (``genjax.data.images``)."""
 
 from genjax.data.corpus import (
     expand_paths,

@@ -1,1 +1,2 @@
-"""Layers shared by the model families: dense projections, norms, RoPE, attention."""
+"""Layers and networks shared by the model families: dense projections, norms, RoPE,
+attention; the denoisers (noise-conditioned MLP, U-Net, DiT) and their conditioning."""
