@@ -248,8 +248,9 @@ def class_texts(cfg: ModelConfig) -> np.ndarray:
 
 
 def condition(cfg: ModelConfig, label_B: jax.Array | None) -> dict[str, jax.Array]:
-    """The network's keyword inputs for labels [B] (``cfg.num_classes`` = the null one)."""
-    if not cfg.conditional:
+    """The network's keyword inputs for labels [B]; label ``cfg.num_classes``, or no
+    labels at all, is the null condition."""
+    if label_B is None or not cfg.conditional:
         return {}
     if cfg.condition == "class":
         return {"label_B": label_B}
@@ -265,20 +266,16 @@ def drop_condition(cfg: ModelConfig, label_B: jax.Array, key: jax.Array) -> jax.
 def denoiser(
     cfg: Config, params: dict, label_B: jax.Array | None = None, guidance: float = 1.0
 ) -> samplers.Denoiser:
-    """D(x̂, σ) of these weights: unconditional, or for labels [B] with guidance w
-    (both halves in one network call of twice the batch)."""
+    """D(x̂, σ) of these weights: unconditional (a conditional network's null
+    condition), or for labels [B] with guidance w (both halves in one network call
+    of twice the batch)."""
     model = net(cfg.model, params)
 
-    def denoise(x_hat, sigma_B, label_B):
-        f = lambda x, noise: model(x, noise, **condition(cfg.model, label_B))
+    def denoise(x_hat, sigma_B, labels):
+        f = lambda x, noise: model(x, noise, **condition(cfg.model, labels))
         return diffusion.denoise(cfg.process, f, x_hat, sigma_B)
 
-    if not cfg.model.conditional:
-        return lambda x_hat, sigma_B: denoise(x_hat, sigma_B, None)
-    if label_B is None:  # the unconditional model: the null condition
-        null = lambda x_hat: jnp.full(x_hat.shape[:1], cfg.model.num_classes, jnp.int32)
-        return lambda x_hat, sigma_B: denoise(x_hat, sigma_B, null(x_hat))
-    if guidance == 1:
+    if label_B is None or guidance == 1:
         return lambda x_hat, sigma_B: denoise(x_hat, sigma_B, label_B)
 
     def guided(x_hat, sigma_B):
