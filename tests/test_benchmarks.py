@@ -103,3 +103,57 @@ def test_accelerator_checks_run_every_step_on_the_backend_found(tmp_path, load_s
     # conftest.py defaults JAX_PLATFORMS to cpu: without this the GPU tests would be skipped
     assert {(platform, prealloc) for _, platform, prealloc in ran} == {("gpu", "false")}
     assert "failed: ['tests']" in capsys.readouterr().out
+
+
+def _run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    """A benchmark script in its own process, with JAX's own device count (no fake CPUs)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, str(ROOT / BENCH / script), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_diffusers_peer_has_the_parameters_of_the_genjax_unet(load_script):
+    diffusers = pytest.importorskip("diffusers")  # the bench extra
+    speed = load_script(f"{BENCH}/diffusion_speed.py")
+    for overrides, expected in (([], 702_753), (["model.condition=none"], 701_345)):
+        cfg = speed.genjax_config(8, overrides)
+        peer = diffusers.UNet2DModel(**speed.peer_kwargs(cfg))
+        assert speed.count_genjax_params(cfg) == expected
+        assert sum(p.numel() for p in peer.parameters()) == expected
+
+
+@pytest.mark.slow
+def test_diffusion_speed_benchmark_runs_the_genjax_side(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = _run_script(
+        "diffusion_speed.py", "--sides", "genjax", "--batch", "8", "--steps", "1", "--warmup",
+        "0", "--reps", "1", "--sample-num", "4", "--sample-steps", "2", "--results", str(results),
+    )  # fmt: skip
+    assert "parameters: genjax 702,753" in out.stdout, out.stdout
+    assert "\n| genjax | " in out.stdout and "genjax / best PyTorch" not in out.stdout
+    assert "## Digits U-Net: training and DDIM sampling speed" in results.read_text()
+
+
+@pytest.mark.slow
+def test_diffusion_digits_quality_trains_a_run_and_scores_it(tmp_path):
+    plot = tmp_path / "steps.png"
+    out = _run_script(
+        "diffusion_digits_quality.py", "--train-seeds", "1", "--preset", "tiny",
+        "--train-dir", str(tmp_path / "runs"), "--num", "20", "--samplers", "ddim-2", "ode",
+        "--gmm-ks", "2", "--steps-plot", str(plot),
+    )  # fmt: skip
+    for row in ("| seed-0 (step 20) | ", "| real-vs-real floor | ", "| genjax, seed-0 (step 20) |",
+                "| GaussianMixture, k = 10, full covariance |", "| DDIM (η = 0) | 2 | 2 | ",
+                "| adaptive PF-ODE (Dopri5) | adaptive | "):  # fmt: skip
+        assert row in out.stdout, out.stdout
+    assert plot.stat().st_size > 0
+
+
+def test_diffusion_2d_quality_benchmark_runs_one_seed(tmp_path):
+    out = _run_script(
+        "diffusion_2d_quality.py", "--preset", "tiny", "--seeds", "1", "--datasets", "ring",
+        "--workdir", str(tmp_path),
+    )  # fmt: skip
+    assert "\n| ring | 1 | " in out.stdout and "\n| ring | 0 | " in out.stdout, out.stdout
