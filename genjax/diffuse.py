@@ -311,7 +311,9 @@ def make_step(cfg: Config):
     def loss_fn(params, batch, *, key):
         label_B = None
         if cfg.model.conditional:
-            label_B = drop_condition(cfg.model, batch["label"], jax.random.fold_in(key, 1))
+            # Its own key: diffusion.loss splits ``key`` (fold_in(key, 1) is one of its halves).
+            key, k_drop = jax.random.split(key)
+            label_B = drop_condition(cfg.model, batch["label"], k_drop)
         model = net(cfg.model, params)
         f = lambda x, noise: model(x, noise, **condition(cfg.model, label_B))
         per_example = diffusion.loss(cfg.process, f, batch["x"], key=key)
