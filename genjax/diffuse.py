@@ -380,6 +380,11 @@ def draw(
         )
     if cfg.model.conditional:
         labels = sample_labels(cfg.model, num) if labels is None else np.asarray(labels, np.int32)
+        k = cfg.model.num_classes
+        if labels.shape != (num,) or labels.min() < 0 or labels.max() > k:
+            raise ValueError(f"labels: expected [{num}] classes in 0..{k} ({k}: the null label)")
+    elif labels is not None:
+        raise ValueError("labels need a class- or text-conditional model; this one is not")
     mesh = evallib.make_eval_mesh()
     rows = -(-num // mesh.size) * mesh.size
     batch_sharding = NamedSharding(mesh, P(evallib.AXIS))
@@ -419,6 +424,14 @@ def test_bits_per_dim(cfg: Config, params, images: imagelib.Images, *, seed: int
 
 
 def check(cfg: Config, mesh) -> None:
+    model = cfg.model
+    if cfg.data.is_images and (
+        len(model.shape) != 3 or model.conditional != (model.num_classes > 0)
+    ):
+        raise ValueError(
+            "model.shape and model.num_classes follow the data: make the config with "
+            "run.configure, which fills them in"
+        )
     meshlib.check_batch_size(cfg.data.global_batch_size, mesh)
     meshlib.check_process_batch_layout(cfg.data.global_batch_size, mesh)
     local = cfg.data.global_batch_size // jax.process_count()
@@ -609,8 +622,24 @@ def complete(cfg: Config, explicit: frozenset[str]) -> Config:
             f"{images.name}: images of {height}×{width} do not divide by {scale}, what the "
             f"{model.arch} shrinks them by; change {knob}"
         )
+    if images.train_labels is not None and not 4 <= cfg.sample.num <= len(images.train):
+        raise ValueError(
+            f"sample.num={cfg.sample.num}: the scores need 4..{len(images.train)} samples (the "
+            "real-vs-real floor scores as many training images)"
+        )
+    if (
+        model.conditional
+        and model.cond_dropout == 0
+        and (cfg.sample.guidance != 1 or cfg.sample.nll)
+    ):
+        raise ValueError(
+            "model.cond_dropout=0 trains no unconditional model, which guidance and the "
+            "likelihood use: set model.cond_dropout > 0, or sample.guidance=1 sample.nll=false"
+        )
     num_classes = images.num_classes if model.conditional else 0
     model = dataclasses.replace(model, shape=images.shape, num_classes=num_classes)
+    if model.condition == "text":
+        class_texts(model)  # every class name fits the text encoder
     return dataclasses.replace(cfg, model=model)
 
 

@@ -67,6 +67,8 @@ def test_guidance_zero_is_the_unconditional_model_and_guidance_changes_samples(c
     np.testing.assert_allclose(d(null, 1.0), unconditional, atol=1e-6)
     assert np.abs(conditional - unconditional).max() > 1e-3  # the condition matters
     np.testing.assert_allclose(d(labels, 2.0), 2 * conditional - unconditional, atol=1e-5)
+    with pytest.raises(ValueError, match=r"expected \[20\] classes in 0..10"):
+        diffuse.draw(cfg, params, num=20, steps=3, labels=np.full(20, 11))
     a = diffuse.draw(cfg, params, num=20, steps=3, guidance=1.0)
     b = diffuse.draw(cfg, params, num=20, steps=3, guidance=3.0)
     assert a.shape == (20, 8, 8, 1) and np.abs(a - b).max() > 1e-3
@@ -118,6 +120,9 @@ def test_sample_cli_draws_digits_with_guidance(tiny_run, capsys):
         (["sample.guidance=-1"], "guidance=-1.0 must be >= 0"),
         (["data.dataset=ring"], "unlabelled 2-D points: use model.arch=mlp"),
         (["process.sde=cosine"], "sde='cosine'"),
+        (["sample.num=2000"], "sample.num=2000: the scores need 4..1437 samples"),
+        (["model.cond_dropout=0"], "model.cond_dropout=0 trains no unconditional model"),
+        (["model.condition=text", "model.unet.text_len=4"], "is 5 UTF-8 bytes"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, capsys, assignments, match):

@@ -62,10 +62,11 @@ def test_to_unit_and_to_levels_round_trip():
 def test_dequantize_stays_in_each_level_bin():
     x = np.repeat(np.arange(17, dtype=np.uint8), 200)
     z = np.asarray(images.dequantize(x, 17, key=jax.random.key(0)))
-    low, high = 2 * x / 17 - 1, 2 * (x + 1) / 17 - 1
-    assert np.all(z >= low - 1e-6) and np.all(z <= high + 1e-6)
+    # Level k's bin is centred on its training value, 1/16 either side of it.
+    centre = images.to_unit(x, 17)
+    assert np.all(np.abs(z - centre) <= 1 / 16 + 1e-6)
     # The offsets fill each bin, not one point of it.
-    offset = (z + 1) * 17 / 2 - x
+    offset = (z - centre) * 8 + 0.5
     assert offset.min() < 0.05 and offset.max() > 0.95 and abs(offset.mean() - 0.5) < 0.03
 
 
@@ -77,15 +78,16 @@ def test_dequantize_on_a_sharded_batch_with_and_without_jit():
     eager = images.dequantize(x, 17, key=key)
     jitted = jax.jit(images.dequantize, static_argnums=1)(x, 17, key=key)
     np.testing.assert_allclose(eager, jitted, atol=1e-6)
-    np.testing.assert_array_equal(np.floor((np.asarray(eager) + 1) * 17 / 2), x)
+    np.testing.assert_array_equal(np.floor((np.asarray(eager) + 1) * 8 + 0.5), x)
 
 
 def test_bits_per_dim_of_the_uniform_density():
-    # Uniform on [−1, 1]^D has nll = D·log 2: a uniform over the L levels, log2 L bits.
+    # The L bins cover [−1 − 1/(L−1), 1 + 1/(L−1)]: uniform there, each dimension's
+    # density is (L − 1)/(2L), so nll = D·log(2L/(L − 1)) — a uniform over the levels.
     dims = 64
     for levels in (2, 17, 256):
-        bpd = images.bits_per_dim(np.full(3, dims * math.log(2)), dims, levels)
-        np.testing.assert_allclose(bpd, math.log2(levels), rtol=1e-12)
+        nll = np.full(3, dims * math.log(2 * levels / (levels - 1)))
+        np.testing.assert_allclose(images.bits_per_dim(nll, dims, levels), math.log2(levels))
 
 
 def test_user_array_with_and_without_labels(tmp_path):

@@ -13,7 +13,9 @@ at 64 channels); both have 702,753 parameters, checked before timing.
   backward, global-norm clip 1.0, Adam(W) (b1 0.9, b2 0.95, eps 1e-8, the preset's lr and
   weight decay) and an EMA update of the weights (0.999): genjax's own step
   (``diffuse.make_step``) against the same arithmetic in PyTorch, eager and with the loss
-  (forward and backward) under ``torch.compile``. Real digits, batch 128, float32.
+  (forward and backward) under ``torch.compile``. Real digits, batch 128, float32. The
+  learning rates differ (genjax warms up over the preset's first steps, PyTorch's is
+  constant), which changes the losses, not the work of a step.
   Per side: the first step alone, ``--warmup`` more, then ``--reps`` windows of
   ``--steps`` steps; images/s is the median over the windows.
 - **Sampling**: ``--sample-num`` images by ``--sample-steps`` (50) DDIM steps, one network

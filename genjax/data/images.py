@@ -169,20 +169,22 @@ def to_levels(x_unit, levels: int):
 
 
 def dequantize(x_int: jax.Array, levels: int, *, key: jax.Array) -> jax.Array:
-    """Uniform dequantization, (x + u) / L · 2 − 1 with u ~ U[0, 1): level k fills
-    [2k/L − 1, 2(k+1)/L − 1), so a density there bounds the discrete likelihood
-    (Theis et al., 2016)."""
+    """Uniform dequantization around the points the model trains on: level k becomes
+    ``to_unit(k) + (u − ½)·2/(L − 1)``, u ~ U[0, 1), filling the bin of width 2/(L − 1)
+    centred on k's training value, so a density there bounds the discrete likelihood
+    (Theis et al., 2016). Bins at 2k/L − 1 instead would sit off the training points
+    (6% narrower at 17 levels, the top level at a bin's edge) and loosen the bound."""
     u = jax.random.uniform(key, jnp.shape(x_int))
-    return (jnp.asarray(x_int, jnp.float32) + u) * (2 / levels) - 1
+    return (jnp.asarray(x_int, jnp.float32) + u - 0.5) * (2 / (levels - 1)) - 1
 
 
 def bits_per_dim(nll_B, dims: int, levels: int):
     """Bits per dimension of the discrete images from the negative log-density
-    (nats) of their ``dequantize``d values in [−1, 1]^D."""
-    # y = x + u lives in [0, L)^D and z = 2y/L − 1, so p_y(y) = p_z(z)·(2/L)^D and
-    # −log p_y = nll + D·log(L/2). By Jensen, −log P(x) ≤ E_u[−log p_y(x + u)]:
-    # averaged over u this bounds the discrete images' bits/dim from above.
-    return (nll_B + dims * math.log(levels / 2)) / (dims * math.log(2))
+    (nats) of their ``dequantize``d values (coordinates z = 2y/(L − 1) − 1)."""
+    # y = x + u − ½ fills [k − ½, k + ½) around level k and z = 2y/(L − 1) − 1, so
+    # p_y(y) = p_z(z)·(2/(L − 1))^D and −log p_y = nll + D·log((L − 1)/2). By Jensen,
+    # −log P(x) ≤ E_u[−log p_y(x + u − ½)]: over u this bounds the bits/dim from above.
+    return (nll_B + dims * math.log((levels - 1) / 2)) / (dims * math.log(2))
 
 
 def batches(

@@ -13,8 +13,10 @@ was drawn for).
 
 The reference is always the test split (360 digits), which the classifier
 never saw. Every metric depends on the sample count, so ``real_floor`` scores
-``num`` real train images against the same reference: the best a perfect
-sampler could do at that count, the number to print beside each score.
+``num`` real train images against the same reference (the protocol's "train
+subset vs test"): the number to print beside each score. The classifier was
+fitted on those train images, so the floor is what reproducing the training set
+scores, not quite what fresh draws from the data distribution would.
 """
 
 from __future__ import annotations
