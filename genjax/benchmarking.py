@@ -3,8 +3,9 @@
 The machine (``cpu_name``, ``matmul_gflops``), a process's peak memory
 (``peak_rss_mb``, ``reset_peak_rss``), the child-process protocol that runs each
 side of a comparison in its own process (``run_side``, ``child_request``,
-``send_result``) and the dated sections of ``RESULTS.md`` (``results_section``,
-``append_section``, ``report``). The protocols themselves are described in
+``send_result``), where a compiled program spends its time (``op_time_shares``)
+and the dated sections of ``RESULTS.md`` (``results_section``, ``append_section``,
+``report``). The protocols themselves are described in
 ``experiments/benchmarks/README.md``.
 """
 
@@ -106,6 +107,38 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def op_time_shares(run, top: int = 8) -> list[tuple[str, float]]:
+    """(kind of XLA op, share of the op time) of one call of ``run``, largest first.
+
+    ``run`` executes under ``jax.profiler.trace``; the trace's op events are grouped by
+    their name less its numeric suffix (``ynn_fusion.52`` → ``ynn_fusion``: on CPU the
+    convolutions and matmuls XLA hands to the XNNPACK library, ``transpose_copy_fusion``:
+    layout changes, ``*_fusion``: fused elementwise work). Shares of the ``top`` kinds;
+    the rest is summed as ``other``.
+    """
+    import collections
+    import gzip
+    import re
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            run()
+        (path,) = pathlib.Path(trace_dir).rglob("*.trace.json.gz")
+        events = json.loads(gzip.decompress(path.read_bytes()))["traceEvents"]
+    op_name = re.compile(r"^[a-z][a-z_\-]*(\.\d+)*$")  # HLO ops, not Python or runtime spans
+    micros: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get("ph") == "X" and op_name.match(event.get("name", "")):
+            micros[re.sub(r"(\.\d+)+$", "", event["name"])] += event["dur"]
+    total = sum(micros.values()) or 1
+    shares = [(kind, us / total) for kind, us in micros.most_common(top)]
+    rest = 1 - sum(share for _, share in shares)
+    return shares + ([("other", rest)] if rest > 0 else [])
 
 
 # ----------------------------------------------------------------------------- child processes

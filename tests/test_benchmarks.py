@@ -38,6 +38,15 @@ def test_compile_time_benchmark_compiles_all_three_programs():
     assert header in out.stdout and "\n| 1 | " in out.stdout, out.stdout
 
 
+def test_op_time_shares_of_a_traced_program():
+    matmul = jax.jit(lambda a: jax.numpy.tanh(a @ a))
+    a = jax.numpy.ones((128, 128))
+    matmul(a).block_until_ready()
+    shares = benchmarking.op_time_shares(lambda: matmul(a).block_until_ready(), top=1)
+    assert 1 <= len(shares) <= 2 and abs(sum(s for _, s in shares) - 1) < 1e-9
+    assert all(0 < s <= 1 for _, s in shares) and shares[0][0] != "other"
+
+
 def test_a_side_runs_in_its_own_process_and_hands_back_its_result(tmp_path):
     script = tmp_path / "side.py"
     script.write_text(
@@ -130,9 +139,11 @@ def test_diffusion_speed_benchmark_runs_the_genjax_side(tmp_path):
     out = _run_script(
         "diffusion_speed.py", "--sides", "genjax", "--batch", "8", "--steps", "1", "--warmup",
         "0", "--reps", "1", "--sample-num", "4", "--sample-steps", "2", "--results", str(results),
+        "--profile",
     )  # fmt: skip
     assert "parameters: genjax 702,753" in out.stdout, out.stdout
     assert "\n| genjax | " in out.stdout and "genjax / best PyTorch" not in out.stdout
+    assert "genjax training step, share of XLA op time (profile): " in out.stdout
     assert "## Digits U-Net: training and DDIM sampling speed" in results.read_text()
 
 

@@ -137,3 +137,17 @@ def test_bad_config_values_are_clear_errors(tmp_path, capsys):
         assert run.main(diffuse.FAMILY, argv) == 2
         assert match in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_noise_scales_follow_the_mixture_spread():
+    ring = run.configure(diffuse.FAMILY, "default", ["data.dataset=ring"]).process
+    grid = run.configure(diffuse.FAMILY, "default", ["data.dataset=grid"]).process
+    assert (ring.sigma_data, ring.p_mean) == (0.5, -3.0)  # the values tuned on the ring
+    # The grid's coordinates spread sqrt(8 + 0.05²) against the ring's sqrt(1/2 + 0.01²).
+    ratio = np.sqrt((8 + 0.05**2) / (0.5 + 0.01**2))
+    np.testing.assert_allclose(grid.sigma_data, 0.5 * ratio, rtol=1e-6)
+    np.testing.assert_allclose(grid.p_mean, -3.0 + np.log(ratio), rtol=1e-6)
+    assert grid.p_std == ring.p_std
+    mine = ["data.dataset=grid", "process.sigma_data=1", "process.p_mean=-2"]
+    kept = run.configure(diffuse.FAMILY, "default", mine).process
+    assert (kept.sigma_data, kept.p_mean) == (1.0, -2.0)

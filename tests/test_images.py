@@ -187,13 +187,31 @@ def test_each_epoch_is_a_fresh_permutation():
     np.testing.assert_array_equal(images.to_levels(batch["x"], 17), data.train[batch["label"]])
 
 
-def test_resume_from_state_continues_identically(digits):
-    iterator = images.batches(digits, 64, seed=1)
+def test_dequantized_batches_fill_each_level_bin_with_fresh_noise():
+    data = _numbered(97)
+    plain = images.batches(data, 10, seed=3)
+    noisy = images.batches(data, 10, seed=3, dequantize=True)
+    noises = []
+    for _ in range(12):  # past the epoch's end: the same images come back with new noise
+        a, b = next(plain), next(noisy)
+        np.testing.assert_array_equal(a["label"], b["label"])
+        noises.append(b["x"] - a["x"])
+        # Level k of 17 stays in its bin [k − ½, k + ½) of width 2/16 around to_unit(k).
+        assert np.abs(noises[-1]).max() <= 1 / 16 + 1e-6
+        np.testing.assert_array_equal(images.to_levels(b["x"], 17), data.train[b["label"]])
+    noise = np.concatenate(noises).ravel()
+    assert abs(noise.mean()) < 0.01 and abs(noise.std() - (2 / 16) / math.sqrt(12)) < 0.003
+    assert not np.allclose(noises[0], noises[10])
+
+
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_resume_from_state_continues_identically(digits, dequantize):
+    iterator = images.batches(digits, 64, seed=1, dequantize=dequantize)
     for _ in range(30):  # past the first epoch's end (1437 / 64 ≈ 22.5 batches)
         next(iterator)
     state = iterator.get_state()
     expected = [next(iterator) for _ in range(3)]
-    resumed = images.batches(digits, 64, seed=1)
+    resumed = images.batches(digits, 64, seed=1, dequantize=dequantize)
     resumed.set_state(state)
     for want in expected:
         got = next(resumed)

@@ -206,7 +206,7 @@ def steps_vs_quality(cfg, params, images, samplers, *, num: int, floor_fd: float
     classifier = image_metrics.train_classifier(images)
     for name, steps in samplers:
         samples, seconds = timed_draw(cfg, params, num=num, sampler=name, steps=steps)
-        fake_NF = classifier.features(samples)
+        fake_NF = classifier.features(diffuse.quantized(samples, images.levels))
         real_MF = classifier.features(imagelib.to_unit(images.test, images.levels))
         fd = image_metrics.frechet_distance(fake_NF, real_MF)
         nfe = "adaptive" if name == "ode" else NFE.get(name, lambda n: n)(steps)

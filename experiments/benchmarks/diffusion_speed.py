@@ -33,6 +33,10 @@ inductor cache, on ``--threads`` cores.
     python experiments/benchmarks/diffusion_speed.py --batch 8 --steps 2 --reps 1 \\
         --warmup 1 --sample-num 8 --sample-steps 2                        # smoke test
     python experiments/benchmarks/diffusion_speed.py --set model.condition=none  # unconditional
+    python experiments/benchmarks/diffusion_speed.py --sides genjax --threads 1 --profile
+
+``--profile`` traces ``--steps`` more genjax training steps and prints the share of
+XLA's op time per kind of op (``genjax.benchmarking.op_time_shares``).
 
 Hardware: a 2-core CPU, idle: beside another busy process PyTorch's OpenMP threads spin
 against it and its 2-thread numbers collapse (100× slower forward passes here), so on a
@@ -175,6 +179,10 @@ def run_genjax(spec: dict) -> dict:
         return float(metrics["loss"])
 
     out = time_train(run_step, sync, spec)
+    if spec["profile"]:
+        out["op_shares"] = benchmarking.op_time_shares(
+            lambda: sync([run_step(i) for i in range(spec["steps"])][-1])
+        )
     params = holder["state"].ema_params
     # An unconditional model takes no guidance (draw refuses one it cannot use).
     guidance = spec["guidance"] if cfg.model.conditional else None
@@ -383,6 +391,14 @@ def ratios(results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def profile_lines(results: dict[str, dict]) -> list[str]:
+    shares = results.get("genjax", {}).get("op_shares")
+    if not shares:
+        return []
+    listed = ", ".join(f"{kind} {100 * share:.0f}%" for kind, share in shares)
+    return ["", f"genjax training step, share of XLA op time (profile): {listed}"]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=128, help="images per training step")
@@ -394,6 +410,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=1.0, help="1: one network call per step")
     p.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of these")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU cores per side")
+    p.add_argument("--profile", action="store_true",
+                   help="also trace genjax training steps: XLA's op time by kind")  # fmt: skip
     p.add_argument("--results", type=pathlib.Path, help="append a dated section to this file")
     p.add_argument(
         "--set",
@@ -442,6 +460,7 @@ def main(argv=None) -> None:
         "sample_steps": args.sample_steps,
         "guidance": args.guidance,
         "threads": args.threads,
+        "profile": args.profile,
     }
     results = {side: run_side(side, spec) for side in sides}
 
@@ -457,7 +476,7 @@ def main(argv=None) -> None:
         f"sampling: {args.sample_num} images × {args.sample_steps} DDIM steps, guidance "
         f"{args.guidance:g}, {args.reps} reps after a first call; {args.threads} threads",
     ]
-    lines = table(results) + ratios(results)
+    lines = table(results) + ratios(results) + profile_lines(results)
     benchmarking.report(
         "Digits U-Net: training and DDIM sampling speed",
         __file__,

@@ -17,6 +17,7 @@ random_state=0)``: digits gives 1,437 train and 360 test images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import pathlib
 from collections.abc import Iterator
@@ -188,13 +189,15 @@ def bits_per_dim(nll_B, dims: int, levels: int):
 
 
 def batches(
-    images: Images, global_batch_size: int, *, seed: int
+    images: Images, global_batch_size: int, *, seed: int, dequantize: bool = False
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of shuffled, endlessly repeated training batches.
 
     Each batch is ``{"x": float32 [b, H, W, C] in [−1, 1], "label": int32 [b]}``
     ("label" only when the images are labelled), b = global_batch_size / processes;
-    process i takes batches i, i + n, i + 2n, … of one global stream. The
+    process i takes batches i, i + n, i + 2n, … of one global stream. With
+    ``dequantize`` each value is spread uniformly over its level's bin, as
+    ``dequantize`` does (fresh noise per batch, seeded by the batch's index). The
     iterator is grain's, so it checkpoints its position (get_state / set_state).
     """
     n, i = jax.process_count(), jax.process_index()
@@ -211,8 +214,15 @@ def batches(
     # repeat() keeps that epoch number (reseed_each_epoch=True), so every epoch
     # is a fresh permutation (grain 0.2.18, transformations/shuffle.py).
     ds = grain.MapDataset.range(len(images.train)).shuffle(seed=seed).repeat()
-    ds = ds.batch(global_batch_size // n)[i::n].map(lambda index_b: _gather(images, index_b))
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)))
+    ds = ds.batch(global_batch_size // n).map(lambda index_b: _gather(images, index_b))
+    if dequantize:  # before the split over processes: noise seeded by the global index
+        ds = ds.random_map(functools.partial(_dequantize_batch, levels=images.levels), seed=seed)
+    return iter(ds[i::n].to_iter_dataset(grain.ReadOptions(num_threads=0)))
+
+
+def _dequantize_batch(batch: dict, rng: np.random.Generator, *, levels: int) -> dict:
+    noise = (rng.random(batch["x"].shape, np.float32) - 0.5) * np.float32(2 / (levels - 1))
+    return {**batch, "x": batch["x"] + noise}
 
 
 def _gather(images: Images, index_b: np.ndarray) -> dict[str, np.ndarray]:

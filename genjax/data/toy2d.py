@@ -29,6 +29,11 @@ class Mixture:
         modes = rng.integers(0, len(self.means), n)
         return (self.means[modes] + self.std * rng.standard_normal((n, 2))).astype(np.float32)
 
+    @property
+    def spread(self) -> float:
+        """The exact standard deviation of one coordinate (the means are centred)."""
+        return float(np.sqrt(np.mean(self.means**2) + self.std**2))
+
     def log_prob(self, x: np.ndarray) -> np.ndarray:
         """Exact log-density of points [N, 2] (float64), in nats."""
         x = np.asarray(x, np.float64)
