@@ -1,17 +1,19 @@
 """More samples from any diffusion run's newest checkpoint (its EMA weights).
 
     python -m genjax.sample --workdir DIR [--sampler heun|dpmpp2m|ddim|pc|ode|em]
-        [--steps N] [--num N] [--seed S] [--guidance W] [--out FILE]
+        [--steps N] [--num N] [--seed S] [--guidance W] [--churn C] [--eta E] [--out FILE]
 
 Writes the samples as ``.npy`` (default ``DIR/samples-<sampler>-<steps>.npy``; images
 on the data's own scale) and prints how they score by the run's own evaluation
 (modes, % high quality and reverse KL for a 2-D mixture; a classifier's scores
-for labelled images). ``--guidance`` is for class- or text-conditional runs.
+for labelled images). ``--guidance`` is for class- or text-conditional runs;
+``--churn`` (Heun) and ``--eta`` (DDIM) default to the run's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 
@@ -32,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=2500, help="how many samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--churn", type=float, help="Heun: noise added back per level (0: ODE)")
+    p.add_argument("--eta", type=float, help="DDIM: 0 deterministic, 1 ancestral")
     p.add_argument("--out", type=pathlib.Path, help="the .npy to write")
     args = p.parse_args(argv)
     try:
@@ -41,8 +45,9 @@ def main(argv=None) -> int:
             raise ValueError(f"--steps={args.steps} must be >= 1")
         if args.num < 1:
             raise ValueError(f"--num={args.num} must be >= 1")
-        if args.guidance is not None and args.guidance < 0:
-            raise ValueError(f"--guidance={args.guidance} must be >= 0")
+        for name in ("guidance", "churn", "eta"):
+            if getattr(args, name) is not None and getattr(args, name) < 0:
+                raise ValueError(f"--{name}={getattr(args, name)} must be >= 0")
         with run.one_line_warnings():
             cfg = run.saved_config(args.workdir, diffuse.FAMILY)
             if args.guidance is not None and not cfg.model.conditional:
@@ -55,6 +60,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sampler, steps = args.sampler or cfg.sample.sampler, args.steps or cfg.sample.steps
+    chosen = {name: getattr(args, name) for name in ("churn", "eta")}
+    sample = dataclasses.replace(cfg.sample, **{k: v for k, v in chosen.items() if v is not None})
+    cfg = dataclasses.replace(cfg, sample=sample)
     samples = diffuse.draw(
         cfg, loaded.state.ema_params, num=args.num, seed=args.seed, sampler=sampler,
         steps=steps, guidance=args.guidance,
