@@ -153,10 +153,10 @@ def test_diffusion_digits_quality_trains_a_run_and_scores_it(tmp_path):
     out = _run_script(
         "diffusion_digits_quality.py", "--train-seeds", "1", "--preset", "tiny",
         "--train-dir", str(tmp_path / "runs"), "--num", "20", "--samplers", "ddim-2", "ode",
-        "--gmm-ks", "2", "--steps-plot", str(plot),
+        "--gmm-ks", "2", "--steps-plot", str(plot), "--set", "sample.eta=1",
     )  # fmt: skip
     for row in ("| seed-0 (step 20) | ", "| real-vs-real floor | ", "| genjax, seed-0 (step 20) |",
-                "| GaussianMixture, k = 10, full covariance |", "| DDIM (η = 0) | 2 | 2 | ",
+                "| GaussianMixture, k = 10, full covariance |", "| DDIM | 2 | 2 | ", "DDIM's η 1):",
                 "| adaptive PF-ODE (Dopri5) | adaptive | "):  # fmt: skip
         assert row in out.stdout, out.stdout
     assert plot.stat().st_size > 0

@@ -10,7 +10,8 @@
 Three tables:
 
 1. **Quality per run**: each run's EMA weights draw ``--num`` samples (default the run's
-   own count, 1,000; the run's sampler, steps and guidance: Heun, 32 levels, 1.5),
+   own count, 1,000; the run's sampler, steps, guidance and churn, or ``--set
+   sample.FIELD=VALUE``: the preset's are Heun, 32 levels, guidance 0.8, churn 30),
    scored in the features of the classifier of ``genjax.metrics.images`` against the
    test split: Fréchet distance (and its ratio to the real-vs-real floor at the same
    count), KID, precision/recall, density/coverage, class coverage and conditional
@@ -26,12 +27,13 @@ Three tables:
    ``KernelDensity`` whose bandwidth is chosen the same way.
 3. **Steps vs quality** (the first run): Fréchet distance and images/s of each of
    ``--samplers`` (SAMPLER-STEPS, or ``ode``: the adaptive probability-flow ODE), at the
-   run's guidance, as a table and a plot (``--steps-plot``, FD against images/s, log x).
+   run's guidance (Heun at its churn, DDIM at its η), as a table and a plot
+   (``--steps-plot``, FD against images/s, log x).
    images/s leaves out compilation: seconds JAX spent tracing, lowering and compiling
    during the call (``jax.monitoring``'s compile events) are subtracted from its wall
    time. The 1,000-step ancestral sampler is ``em`` (Euler–Maruyama of the reverse SDE
-   over the levels, score_sde's reverse-diffusion predictor): ``diffuse.draw`` cannot
-   pass DDIM's η, so DDIM's η = 1 (exact ancestral steps) is not reachable from it.
+   over the levels, score_sde's reverse-diffusion predictor); ``--set sample.eta=1``
+   makes DDIM's steps exactly ancestral.
 
 Smoke run (seconds, after ``python experiments/diffusion_digits.py --workdir /tmp/dg
 --preset tiny``): ``--workdirs /tmp/dg --num 40 --samplers heun-2 ddim-2 --no-nll
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import pathlib
 import statistics
 import subprocess
@@ -56,6 +59,7 @@ import numpy as np
 import sklearn
 
 from genjax import benchmarking, diffuse, run
+from genjax import config as configlib
 from genjax.data import images as imagelib
 from genjax.metrics import images as image_metrics
 
@@ -66,7 +70,7 @@ SAMPLERS = ("heun-18", "heun-35", "heun-50", "dpmpp2m-20", "ddim-50", "em-1000",
 NAMES = {
     "heun": "Heun",
     "dpmpp2m": "DPM-Solver++(2M)",
-    "ddim": "DDIM (η = 0)",
+    "ddim": "DDIM",
     "em": "Euler–Maruyama (ancestral)",
     "pc": "predictor–corrector",
     "ode": "adaptive PF-ODE (Dopri5)",
@@ -276,10 +280,11 @@ def likelihood_table(names, runs, rows) -> list[str]:
     return lines
 
 
-def steps_table(name: str, rows: list[dict], guidance: float) -> list[str]:
+def steps_table(name: str, rows: list[dict], sample: diffuse.SampleConfig) -> list[str]:
     lines = [
         "",
-        f"Steps vs quality ({name}, guidance {guidance:g}):",
+        f"Steps vs quality ({name}, guidance {sample.guidance:g}, Heun's churn "
+        f"{sample.churn:g}, DDIM's η {sample.eta:g}):",
         "",
         "| sampler | steps | denoiser calls | FD | FD / floor | images/s | seconds |",
         "|---|---|---|---|---|---|---|",
@@ -296,6 +301,15 @@ def steps_table(name: str, rows: list[dict], guidance: float) -> list[str]:
 # ----------------------------------------------------------------------------- main
 
 
+def with_sampling(loaded: run.Loaded, assignments: list[str]) -> run.Loaded:
+    """The run with its sample config overridden (``sample.FIELD=VALUE`` only: the
+    weights were trained under the rest)."""
+    for a in assignments:
+        if not a.startswith("sample."):
+            raise SystemExit(f"--set {a!r}: only sample.* settings apply to trained runs")
+    return dataclasses.replace(loaded, cfg=configlib.override(loaded.cfg, assignments))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     runs = p.add_mutually_exclusive_group(required=True)
@@ -310,6 +324,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-nll", action="store_true", help="skip test bits/dim (ODE and baselines)")
     p.add_argument("--gmm-ks", nargs="+", type=int, default=[1, 2, 3, 5, 10, 20],
                    help="GaussianMixture components searched by cross-validation")  # fmt: skip
+    p.add_argument("--set", nargs="*", default=[], metavar="sample.FIELD=VALUE",
+                   help="sample otherwise, e.g. sample.guidance=1 sample.churn=0")  # fmt: skip
     p.add_argument("--results", type=pathlib.Path, help="append the section to this RESULTS.md")
     return p.parse_args(argv)
 
@@ -322,7 +338,7 @@ def main(argv=None) -> int:
             raise SystemExit("--train-seeds must be >= 1")
         base = args.train_dir or pathlib.Path(tempfile.mkdtemp(prefix="diffusion_digits_"))
         workdirs = train_runs(args.train_seeds, base, args.preset)
-    loaded = [run.load(w, diffuse.IMAGES) for w in workdirs]
+    loaded = [with_sampling(run.load(w, diffuse.IMAGES), args.set) for w in workdirs]
     cfg0 = loaded[0].cfg
     if any(r.cfg.data != cfg0.data for r in loaded):
         raise SystemExit("--workdirs: the runs were trained on different data")
@@ -350,7 +366,7 @@ def main(argv=None) -> int:
         first = loaded[0]
         rows = steps_vs_quality(first.cfg, first.state.ema_params, images, samplers, num=num,
                                 floor_fd=floor["frechet_distance"])  # fmt: skip
-        lines += steps_table(names[0], rows, first.cfg.sample.guidance)
+        lines += steps_table(names[0], rows, first.cfg.sample)
         title = f"{images.name}, {names[0]}: {num} samples, guidance {first.cfg.sample.guidance:g}"
         plot_steps(args.steps_plot, rows, floor["frechet_distance"], title)
 
@@ -358,6 +374,7 @@ def main(argv=None) -> int:
     header = [
         "runs: " + ", ".join(str(w) for w in workdirs),
         f"{num} samples per run ({s.sampler}, {s.steps} levels, guidance {s.guidance:g}, "
+        f"churn {s.churn:g}, "
         f"EMA weights, seed {s.seed}) against the {len(images.test)} test digits, in the "
         f"features of a classifier of test accuracy {classifier.test_accuracy:.3f}; the floor "
         f"is {num} real train digits",
