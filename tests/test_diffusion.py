@@ -116,6 +116,8 @@ def _exact_marginal(sigma, key, n=8000):
 SAMPLER_CASES = [
     ("heun", {}, 32),
     ("heun", {"churn": 10.0}, 64),
+    # EDM's churn window: no noise outside it, where σ̂² − σ² once rounded below 0 (NaN).
+    ("heun", {"churn": 40.0, "s_tmin": 0.05, "s_tmax": 50.0}, 64),
     ("dpmpp2m", {}, 32),
     ("ddim", {"eta": 0.0}, 64),
     ("ddim", {"eta": 1.0}, 256),

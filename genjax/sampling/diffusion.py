@@ -116,7 +116,9 @@ def heun(
         gamma = jnp.where((sigma >= s_tmin) & (sigma <= s_tmax), gamma_max, 0.0)
         sigma_hat = sigma * (1 + gamma)
         z = jax.random.normal(k, x.shape, x.dtype)
-        x_hat = x + jnp.sqrt(sigma_hat**2 - sigma**2) * s_noise * z
+        # sqrt(σ̂² − σ²) as σ·sqrt(γ(2 + γ)): at γ = 0 the difference of squares, fused
+        # into an FMA, can round below zero, and its square root is NaN.
+        x_hat = x + sigma * jnp.sqrt(gamma * (2 + gamma)) * s_noise * z
         d = (x_hat - denoiser(x_hat, _at(sigma_hat, x))) / sigma_hat
         x_euler = x_hat + (sigma_next - sigma_hat) * d
         # The correction is computed everywhere and used where σ_next > 0.
