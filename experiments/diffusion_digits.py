@@ -10,9 +10,10 @@ other flags a class-conditional U-Net (diffusers' UNet2DModel layout, 32/64
 channels, attention at 4×4) is trained by denoising score matching with EDM
 preconditioning on the 1,437 training digits, dequantized, one label in ten
 dropped for guidance. Evaluation draws 1,000 samples from the EMA weights
-(Heun, 32 levels, churn 30, guidance 0.8), 100 per class, and scores them in the features of a classifier trained
-on the train split, next to real train digits scored the same way; the test
-split's bits/dim comes from the probability-flow ODE. The workdir then holds
+(Heun, 32 levels, churn 30, guidance 0.8), 100 per class, and scores them in
+the features of a classifier trained on the train split, next to real train
+digits scored the same way; the test split's bits/dim comes from the
+probability-flow ODE. The workdir then holds
 ``samples.npy`` (1,000 × 8 × 8 on the digits' 0–16 scale), ``samples.png``
 (one row per class) and ``eval.json`` (every score, with its real-vs-real floor).
 
