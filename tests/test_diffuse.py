@@ -112,12 +112,24 @@ def test_sample_cli_draws_with_any_sampler(tiny_run, capsys):
     assert f"step {TINY.run.steps}, dpmpp2m with 4 steps: modes" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("sampler", "option"), [("heun", "--churn"), ("ddim", "--eta")])
+def test_sample_cli_noise_options_change_the_samples(tiny_run, sampler, option):
+    argv = ["--workdir", str(tiny_run), "--sampler", sampler, "--steps", "4", "--num", "32"]
+    paths = [tiny_run / f"{sampler}-{value}.npy" for value in ("0", "1")]
+    for value, path in zip(("0", "1"), paths, strict=True):
+        assert sample.main([*argv, option, value, "--out", str(path)]) == 0
+    deterministic, noisy = (np.load(path) for path in paths)
+    assert np.isfinite(noisy).all() and not np.allclose(deterministic, noisy)
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
         (["--sampler", "magic"], "unknown sampler 'magic'"),
         (["--steps", "0"], "--steps=0 must be >= 1"),
         (["--guidance", "2"], "--guidance needs a class- or text-conditional model"),
+        (["--churn", "-1"], "--churn=-1.0 must be >= 0"),
+        (["--eta", "-0.5"], "--eta=-0.5 must be >= 0"),
     ],
 )
 def test_sample_cli_bad_input_is_one_error(tiny_run, capsys, extra, match):
