@@ -160,7 +160,17 @@ def _level_dtype(levels: int) -> type:
 
 def to_unit(x_int, levels: int):
     """Integer levels 0..L−1 to float32 in [−1, 1]: x / (L − 1) · 2 − 1 (numpy or jax, as given)."""
-    return x_int.astype(np.float32) * np.float32(2 / (levels - 1)) - np.float32(1)
+    return x_int.astype(np.float32) * _bin_width(levels) - np.float32(1)
+
+
+def _bin_width(levels: int) -> np.float32:
+    """The distance between neighbouring levels in [−1, 1]: one level's bin."""
+    return np.float32(2 / (levels - 1))
+
+
+def _spread_over_bin(x_unit, u, levels: int):
+    """Each value moved to u ∈ [0, 1) across its level's bin (numpy or jax, as given)."""
+    return x_unit + (u - np.float32(0.5)) * _bin_width(levels)
 
 
 def to_levels(x_unit, levels: int):
@@ -176,7 +186,7 @@ def dequantize(x_int: jax.Array, levels: int, *, key: jax.Array) -> jax.Array:
     (Theis et al., 2016). Bins at 2k/L − 1 instead would sit off the training points
     (6% narrower at 17 levels, the top level at a bin's edge) and loosen the bound."""
     u = jax.random.uniform(key, jnp.shape(x_int))
-    return (jnp.asarray(x_int, jnp.float32) + u - 0.5) * (2 / (levels - 1)) - 1
+    return _spread_over_bin(to_unit(jnp.asarray(x_int), levels), u, levels)
 
 
 def bits_per_dim(nll_B, dims: int, levels: int):
@@ -221,8 +231,8 @@ def batches(
 
 
 def _dequantize_batch(batch: dict, rng: np.random.Generator, *, levels: int) -> dict:
-    noise = (rng.random(batch["x"].shape, np.float32) - 0.5) * np.float32(2 / (levels - 1))
-    return {**batch, "x": batch["x"] + noise}
+    u = rng.random(batch["x"].shape, np.float32)
+    return {**batch, "x": _spread_over_bin(batch["x"], u, levels)}
 
 
 def _gather(images: Images, index_b: np.ndarray) -> dict[str, np.ndarray]:
