@@ -163,3 +163,13 @@ def test_noise_scales_follow_the_mixture_spread():
     mine = ["data.dataset=grid", "process.sigma_data=1", "process.p_mean=-2"]
     kept = run.configure(diffuse.FAMILY, "default", mine).process
     assert (kept.sigma_data, kept.p_mean) == (1.0, -2.0)
+
+
+def test_the_grid_trains_longer_than_the_ring_unless_steps_are_given():
+    def configure(*assignments):
+        return run.configure(diffuse.FAMILY, "default", list(assignments))
+
+    ring, grid = configure("data.dataset=ring"), configure("data.dataset=grid")
+    assert (ring.run.steps, grid.run.steps) == (16_000, 24_000)
+    assert grid.optim.total_steps == 24_000  # the schedule spans the longer run
+    assert configure("data.dataset=grid", "run.steps=500").run.steps == 500
