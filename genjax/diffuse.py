@@ -3,11 +3,12 @@
 data (exact mixture points, or images: scikit-learn's digits or a user's
 ``.npy``) → grain iterator (per process) → the run layer → a denoising
 score-matching step that keeps an EMA of the weights (and, for a conditional
-model, drops the condition for classifier-free guidance) → evaluation: samples
-from the EMA weights scored by the PacGAN protocol (2-D) or in a classifier's
-features next to the real-vs-real floor, with the test set's bits/dim by the
-probability-flow ODE (images). At the end the workdir gets ``samples.npy``,
-``samples.png`` and ``eval.json``.
+model, drops the condition for classifier-free guidance) → evaluation
+(``genjax.generative``, every generating family's): samples from the EMA weights
+scored by the PacGAN protocol (2-D) or in a classifier's features next to the
+real-vs-real floor, with the test set's bits/dim by the probability-flow ODE
+(images). At the end the workdir gets ``samples.npy``, ``samples.png`` and
+``eval.json``.
 
 Two families share everything here and differ only in their presets:
 ``FAMILY`` (2-D mixtures, ``experiments/diffusion_2d.py``) and ``IMAGES``
@@ -19,12 +20,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 from typing import Any, NamedTuple
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,12 +33,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from genjax import evaluate as evallib
+from genjax import generative, run, train
 from genjax import mesh as meshlib
-from genjax import run, train
 from genjax.data import images as imagelib
 from genjax.data import toy2d
-from genjax.metrics import images as image_metrics
-from genjax.metrics.modes import mode_metrics
 from genjax.models import diffusion
 from genjax.nn.conditioning import encode_text
 from genjax.nn.dit import DiT, DiTConfig
@@ -96,37 +93,6 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    # ring | grid: 2-D points (genjax.data.toy2d); digits | PATH.npy: images
-    # (genjax.data.images; an array [N, H, W, C] of integer levels).
-    dataset: str = "ring"
-    labels: str = ""  # PATH.npy images: a .npy of their integer labels, for a conditional model
-    levels: int = 0  # PATH.npy images: gray levels (0: 256 for uint8, else the largest + 1)
-    # Images: train on uniformly dequantized values (each level spread over its bin), the
-    # density the test bits/dim score; samples are rounded back to the levels.
-    dequantize: bool = True
-    size: int = 200_000  # 2-D: training points, drawn once from the exact mixture
-    global_batch_size: int = 512  # examples per update, summed over processes
-    seed: int = 0  # draw and shuffle
-
-    def __post_init__(self):
-        if self.dataset not in toy2d.DATASETS and not self.is_images:
-            raise ValueError(
-                f"data config: unknown dataset {self.dataset!r}; choose one of "
-                f"{sorted(toy2d.DATASETS)}, 'digits' or the path of an image array (.npy)"
-            )
-        if self.size < 1 or self.global_batch_size < 1:
-            raise ValueError("data config: size and global_batch_size must be positive")
-
-    @property
-    def is_images(self) -> bool:
-        return self.dataset == "digits" or self.dataset.endswith(".npy")
-
-    def load_images(self) -> imagelib.Images:
-        return imagelib.load(self.dataset, labels=self.labels or None, levels=self.levels or None)
-
-
-@dataclasses.dataclass(frozen=True)
 class SampleConfig:
     """How evaluation (and ``draw`` by default) samples."""
 
@@ -170,7 +136,7 @@ class Config:
     optim: train.OptimConfig = dataclasses.field(
         default_factory=lambda: train.OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=100)
     )
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    data: generative.DataConfig = dataclasses.field(default_factory=generative.DataConfig)
     run: run.RunConfig = dataclasses.field(
         default_factory=lambda: run.RunConfig(steps=16_000, checkpoint_every=2000, log_every=100)
     )
@@ -458,163 +424,21 @@ def check(cfg: Config, mesh) -> None:
 
 
 def data(cfg: Config, workdir: pathlib.Path) -> run.Data:
-    return _image_data(cfg, workdir) if cfg.data.is_images else _point_data(cfg, workdir)
+    s = cfg.sample
+    labels = sample_labels(cfg.model, s.num)
 
+    def bits_per_dim(state: State, images: imagelib.Images) -> float:
+        return test_bits_per_dim(cfg, state.ema_params, images)
 
-def _point_data(cfg: Config, workdir: pathlib.Path) -> run.Data:
-    mixture = toy2d.get(cfg.data.dataset)
-    points = mixture.sample(cfg.data.size, seed=cfg.data.seed)
-    n, i = jax.process_count(), jax.process_index()
-    ds = grain.MapDataset.source(points).shuffle(seed=cfg.data.seed).repeat()
-    ds = ds.batch(cfg.data.global_batch_size // n)[i::n].map(lambda x: {"x": x})
-    iterator = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)))
-    last: dict[str, np.ndarray] = {}
-
-    def evaluate(state: State) -> dict[str, float]:
-        s = cfg.sample
-        last["samples"] = draw(cfg, state.ema_params, num=s.num, seed=s.seed)
-        return mode_metrics(last["samples"], mixture)
-
-    def finish(state: State, metrics: dict[str, float]) -> None:
-        if jax.process_index() == 0:
-            floor = mode_metrics(mixture.sample(cfg.sample.num, seed=cfg.sample.seed + 1), mixture)
-            write_report(workdir, {"samples": metrics, "perfect_sampler": floor})
-            np.save(workdir / "samples.npy", last["samples"])
-            plot_points(workdir / "samples.png", mixture, last["samples"], metrics)
-        _print_scores(cfg, metrics)
-
-    return run.Data(
-        batches=iterator,
-        evaluate=evaluate,
-        finish=finish,
-        describe=f"{cfg.data.size:,} points of the {cfg.data.dataset}",
-        throughput=("points", cfg.data.global_batch_size),
+    sampling = generative.Sampling(
+        draw=lambda state: draw(cfg, state.ema_params, num=s.num, seed=s.seed),
+        num=s.num,
+        seed=s.seed,
+        labels=labels,
+        bits_per_dim=bits_per_dim if cfg.data.is_images and s.nll else None,
+        describe=s.sampler,
     )
-
-
-def score_images(cfg: Config, samples_unit: np.ndarray, images: imagelib.Images) -> dict:
-    """The classifier's scores of samples [N, H, W, C] in [−1, 1] (labelled data only),
-    rounded to the data's levels first: the images ``samples.npy`` holds."""
-    if images.train_labels is None:
-        return {}
-    classifier = image_metrics.train_classifier(images)
-    labels = sample_labels(cfg.model, len(samples_unit))
-    return image_metrics.image_metrics(
-        quantized(samples_unit, images.levels), images, classifier, labels=labels
-    )
-
-
-def quantized(x_unit: np.ndarray, levels: int) -> np.ndarray:
-    """Samples in [−1, 1] rounded to the nearest of the data's levels (still in [−1, 1])."""
-    return imagelib.to_unit(imagelib.to_levels(np.asarray(x_unit), levels), levels)
-
-
-def _image_data(cfg: Config, workdir: pathlib.Path) -> run.Data:
-    images = cfg.data.load_images()
-    iterator = imagelib.batches(
-        images, cfg.data.global_batch_size, seed=cfg.data.seed, dequantize=cfg.data.dequantize
-    )
-    last: dict[str, np.ndarray] = {}
-
-    def evaluate(state: State) -> dict[str, float]:
-        s = cfg.sample
-        last["samples"] = draw(cfg, state.ema_params, num=s.num, seed=s.seed)
-        metrics = score_images(cfg, last["samples"], images)
-        if s.nll:
-            metrics["test_bits_per_dim"] = test_bits_per_dim(cfg, state.ema_params, images)
-        return metrics
-
-    def finish(state: State, metrics: dict[str, float]) -> None:
-        if jax.process_index() == 0:
-            report = {"samples": metrics, "num": cfg.sample.num}
-            if images.train_labels is not None:
-                classifier = image_metrics.train_classifier(images)
-                report["real_vs_real"] = image_metrics.real_floor(
-                    images, classifier, cfg.sample.num, seed=cfg.sample.seed
-                )
-                report["classifier_test_accuracy"] = classifier.test_accuracy
-            write_report(workdir, report)
-            levels = imagelib.to_levels(last["samples"], images.levels)
-            np.save(workdir / "samples.npy", levels[..., 0] if levels.shape[-1] == 1 else levels)
-            plot_images(workdir / "samples.png", cfg, levels, images, metrics)
-        _print_scores(cfg, metrics)
-
-    return run.Data(
-        batches=iterator,
-        evaluate=evaluate,
-        finish=finish,
-        describe=f"{len(images.train):,} {images.name} images {images.shape}",
-        throughput=("images", cfg.data.global_batch_size),
-    )
-
-
-def _print_scores(cfg: Config, metrics: dict[str, float]) -> None:
-    scores = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-    print(f"{cfg.data.dataset}: {scores} ({cfg.sample.num} samples, {cfg.sample.sampler})")
-
-
-def write_report(workdir: pathlib.Path, report: dict) -> None:
-    """``eval.json``: JSON has no infinity, so a reverse KL with no mode captured is
-    written as the string "Infinity"."""
-    text = json.dumps(report, indent=2).replace("Infinity", '"Infinity"')
-    (pathlib.Path(workdir) / "eval.json").write_text(text + "\n")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_points(path, mixture: toy2d.Mixture, samples, metrics) -> None:
-    """The samples over contours of the true density at 1, 2 and 3 std from each mode."""
-    plt = _pyplot()
-    extent = np.abs(mixture.means).max() + 0.5
-    axis = np.linspace(-extent, extent, 801)
-    grid = np.stack(np.meshgrid(axis, axis), -1).reshape(-1, 2)
-    log_density = mixture.log_prob(grid).reshape(len(axis), len(axis))
-    levels = log_density.max() - np.array([4.5, 2.0, 0.5])
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.contour(axis, axis, log_density, levels=levels, colors="tab:blue", linewidths=0.6,
-               linestyles="solid")  # fmt: skip
-    ax.scatter(samples[:, 0], samples[:, 1], s=1, c="black", alpha=0.5)
-    ax.set(xlim=(-extent, extent), ylim=(-extent, extent), aspect="equal")
-    ax.set_title(
-        f"{mixture.name}: {metrics['modes']}/{len(mixture.means)} modes, "
-        f"{100 * metrics['high_quality']:.1f}% high quality, reverse KL {metrics['reverse_kl']:.4f}"
-    )
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_images(path, cfg: Config, levels: np.ndarray, images: imagelib.Images, metrics) -> None:
-    """A grid of samples on the data's scale: one row per class for a conditional model."""
-    plt = _pyplot()
-    pixels = levels[..., 0] if levels.shape[-1] == 1 else levels
-    if cfg.model.conditional:  # each class's first ten samples
-        labels = sample_labels(cfg.model, len(levels))
-        rows = [np.flatnonzero(labels == k)[:10] for k in range(cfg.model.num_classes)]
-    else:
-        rows = [np.arange(len(levels))[r : r + 16] for r in range(0, min(len(levels), 128), 16)]
-    cols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(0.6 * cols, 0.6 * len(rows)), squeeze=False)
-    for r, picks in enumerate(rows):
-        for ax in axes[r]:
-            ax.axis("off")
-        for ax, i in zip(axes[r], picks, strict=False):
-            ax.imshow(pixels[i], cmap="gray_r", vmin=0, vmax=images.levels - 1)
-        if cfg.model.conditional:
-            axes[r][0].set_title(images.class_names[r], fontsize=6, loc="left")
-    shown = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if k in _SHOWN)
-    fig.suptitle(f"{images.name}: {shown}", fontsize=7)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-_SHOWN = ("frechet_distance", "class_coverage", "conditional_accuracy", "test_bits_per_dim")
+    return generative.data(cfg.data, workdir, sampling)
 
 
 # ----------------------------------------------------------------------------- presets
@@ -708,7 +532,7 @@ PRESETS = {
     # Seconds on a CPU: a small network, few updates, few samples.
     "tiny": Config(
         model=ModelConfig(mlp=MLPConfig(hidden=32, layers=2, embed=16)),
-        data=DataConfig(size=4096, global_batch_size=64),
+        data=generative.DataConfig(size=4096, global_batch_size=64),
         run=run.RunConfig(steps=40, checkpoint_every=20, log_every=10),
         sample=SampleConfig(steps=8, num=256),
     ),
@@ -719,7 +543,7 @@ _DIGITS = Config(
     model=ModelConfig(arch="unet", condition="class", ema_decay=0.999),
     process=diffusion.Process(),
     optim=train.OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=200),
-    data=DataConfig(dataset="digits", global_batch_size=128),
+    data=generative.DataConfig(dataset="digits", global_batch_size=128),
     # 5,000 updates (about 4 a second on 2 CPU cores) and the evaluation fit in 30 minutes.
     run=run.RunConfig(steps=5000, checkpoint_every=1000, log_every=100),
     # Heun with churn, guidance below 1 (towards the unconditional model): one run of
@@ -741,7 +565,7 @@ IMAGE_PRESETS = {
             ),
             dit=DiTConfig(width=16, depth=1, heads=2, mlp_ratio=2),
         ),
-        data=DataConfig(dataset="digits", global_batch_size=32),
+        data=generative.DataConfig(dataset="digits", global_batch_size=32),
         run=run.RunConfig(steps=20, checkpoint_every=10, log_every=10),
         sample=SampleConfig(steps=4, num=40, guidance=1.5),
     ),

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from genjax import diffuse, run
+from genjax import diffuse, generative, run
 from genjax.data import images as imagelib
 from genjax.data import toy2d
 from genjax.metrics.modes import mode_metrics
@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     out = args.out or pathlib.Path(args.workdir) / f"samples-{sampler}-{steps}.npy"
     if cfg.data.is_images:
         images = cfg.data.load_images()
-        scores = diffuse.score_images(cfg, samples, images)
+        labels = diffuse.sample_labels(cfg.model, args.num)
+        scores = generative.score_images(samples, images, labels)
         np.save(out, imagelib.to_levels(samples, images.levels))
     else:
         scores = mode_metrics(samples, toy2d.get(cfg.data.dataset))

@@ -58,7 +58,7 @@ import jax
 import numpy as np
 import sklearn
 
-from genjax import benchmarking, diffuse, run
+from genjax import benchmarking, diffuse, generative, run
 from genjax import config as configlib
 from genjax.data import images as imagelib
 from genjax.metrics import images as image_metrics
@@ -146,7 +146,7 @@ def score_run(cfg, params, images, *, num: int, nll: bool) -> dict:
     """The run's own evaluation at ``num`` samples, with images/s of the sampling."""
     s = cfg.sample
     samples, seconds = timed_draw(cfg, params, num=num, sampler=s.sampler, steps=s.steps)
-    scores = diffuse.score_images(cfg, samples, images)
+    scores = generative.score_images(samples, images, diffuse.sample_labels(cfg.model, num))
     scores["images_per_s"] = num / seconds
     if nll:
         scores["test_bits_per_dim"] = diffuse.test_bits_per_dim(cfg, params, images)
@@ -210,7 +210,7 @@ def steps_vs_quality(cfg, params, images, samplers, *, num: int, floor_fd: float
     classifier = image_metrics.train_classifier(images)
     for name, steps in samplers:
         samples, seconds = timed_draw(cfg, params, num=num, sampler=name, steps=steps)
-        fake_NF = classifier.features(diffuse.quantized(samples, images.levels))
+        fake_NF = classifier.features(generative.quantized(samples, images.levels))
         real_MF = classifier.features(imagelib.to_unit(images.test, images.levels))
         fd = image_metrics.frechet_distance(fake_NF, real_MF)
         nfe = "adaptive" if name == "ode" else NFE.get(name, lambda n: n)(steps)
