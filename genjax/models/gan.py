@@ -1,0 +1,492 @@
+"""Generative adversarial networks: losses, R1, spectral normalization, PacGAN packing,
+and the two named steps.
+
+Glossary: B batch, Z latent, M examples per pack (PacGAN), K classes; an example x is
+a point [D] (D = 2 for the toy mixtures) or an image [H, W, C]. With an argument, D(x)
+is the discriminator's logit and G(z) the generator's sample; σ is the logistic
+function, so σ(D(x)) is the discriminator's probability that x is real. Spectral
+normalization reads a weight as a matrix [J, O]: its fan-in J by its output axis O.
+
+One step of training is ``d_steps`` discriminator updates, then one generator update,
+then the generator's EMA:
+
+    discriminator_step  slice i of the batch (rows i, i + n, …) against as many fresh
+                        fakes; loss + R1; every spectral-norm vector u one power
+                        iteration further. Its key: fold_in(step key, i).
+    generator_step      fakes as many as the whole batch (for its labels), scored by
+                        the discriminator as it stands. Its key: fold_in(step key, n).
+
+Networks (``genjax.nn.gan_nets``): "mlp" for 2-D points (PacGAN's), "conv" for small
+images. With ``pack`` = M the discriminator judges M examples at once, all real or all
+fake, concatenated along the last axis; a pack's logit is one number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple, NoReturn
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, traverse_util
+
+from genjax import mesh as meshlib
+from genjax import train
+from genjax.nn.gan_nets import ConvDiscriminator, ConvGenerator, MLPDiscriminator, MLPGenerator
+
+ARCHS = ("mlp", "conv")
+LOSS_NAMES = ("minimax", "nonsaturating", "hinge")  # see LOSSES
+
+
+@dataclasses.dataclass(frozen=True)
+class GANConfig:
+    arch: str = "mlp"  # mlp (2-D points) | conv (images)
+    shape: tuple[int, ...] = (2,)  # one example: (D,) for mlp, (H, W, C) for conv
+    latent: int = 2  # Z, of a standard normal (PacGAN's 2-D runs: 2)
+    g_hidden: int = 400  # mlp: the generator's hidden units and layers (PacGAN: 4 × 400)
+    g_layers: int = 4
+    d_hidden: int = 200  # mlp: the discriminator's maxout units and layers (PacGAN: 3 × 200)
+    d_layers: int = 3
+    maxout: int = 5  # mlp: linear pieces of each discriminator unit (PacGAN: 5)
+    channels: tuple[int, ...] = (32, 64)  # conv: per resolution, full size first
+    groups: int = 8  # conv: GroupNorm groups of the generator
+    loss: str = "nonsaturating"  # minimax | nonsaturating | hinge
+    r1_gamma: float = 0.0  # γ of the R1 penalty on real data; 0 turns it off
+    spectral_norm: bool = False  # divide every discriminator weight by its σ̂
+    pack: int = 1  # M: examples per discriminator input (PacGAN); 1 is a plain GAN
+    d_steps: int = 1  # discriminator updates per generator update
+    ema_decay: float = 0.999  # per generator update; samples come from the EMA weights
+    num_classes: int = 0  # K > 0: class-conditional G and a projection discriminator
+    # Adam for both players, constant learning rates (two time scales allowed: TTUR).
+    # β1 below 0.9: DCGAN (Radford et al. 2016) found 0.9 oscillated and 0.5 stabilized;
+    # momentum averages gradients against an opponent that has since moved. R1 and
+    # hinge + spectral norm setups go further, to β1 = 0 (StyleGAN2, projection D).
+    g_lr: float = 2e-4
+    d_lr: float = 2e-4
+    b1: float = 0.5
+    b2: float = 0.999
+
+    def __post_init__(self):
+        def bad(msg: str) -> NoReturn:
+            raise ValueError(f"gan config: {msg}")
+
+        if self.arch not in ARCHS:
+            bad(f"arch={self.arch!r}; choose one of {ARCHS}")
+        if self.loss not in LOSS_NAMES:
+            bad(f"loss={self.loss!r}; choose one of {LOSS_NAMES}")
+        for name in ("latent", "g_hidden", "g_layers", "d_hidden", "d_layers", "groups"):
+            if getattr(self, name) < 1:
+                bad(f"{name}={getattr(self, name)} must be >= 1")
+        if self.maxout < 2:
+            bad(f"maxout={self.maxout}: one piece is a linear unit; use >= 2 (PacGAN: 5)")
+        if self.r1_gamma < 0:
+            bad(f"r1_gamma={self.r1_gamma} must be >= 0 (0 turns R1 off)")
+        if self.pack < 1:
+            bad(f"pack={self.pack} must be >= 1 (1: no packing)")
+        if self.d_steps < 1:
+            bad(f"d_steps={self.d_steps} must be >= 1")
+        if not 0 <= self.ema_decay < 1:
+            bad(f"ema_decay={self.ema_decay} must be in [0, 1)")
+        if self.num_classes < 0:
+            bad(f"num_classes={self.num_classes} must be >= 0 (0: unconditional)")
+        if self.num_classes and self.pack > 1:
+            bad(
+                "a pack of M examples has M labels, and neither PacGAN nor the projection "
+                "discriminator defines its logit; set pack=1 or num_classes=0"
+            )
+        if min(self.g_lr, self.d_lr) <= 0:
+            bad(f"g_lr={self.g_lr} and d_lr={self.d_lr} must be > 0")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            bad(f"b1={self.b1} and b2={self.b2} must be in [0, 1)")
+        if self.arch == "mlp" and len(self.shape) != 1:
+            bad(f"arch='mlp' takes points: shape=(D,), got {self.shape}; use arch='conv'")
+        if self.arch == "conv":
+            if len(self.shape) != 3:
+                bad(f"arch='conv' takes images: shape=(H, W, C), got {self.shape}")
+            if not self.channels or min(self.channels) < 1:
+                bad(f"channels={self.channels} needs entries >= 1")
+            scale = 2 ** (len(self.channels) - 1)
+            if self.shape[0] % scale or self.shape[1] % scale:
+                bad(
+                    f"image sides {self.shape[:2]} must divide by {scale} for "
+                    f"{len(self.channels)} resolutions; use fewer channels entries"
+                )
+            if any(c % self.groups for c in self.channels):
+                bad(f"groups={self.groups} must divide every entry of channels={self.channels}")
+        if min(self.shape, default=0) < 1:
+            bad(f"shape={self.shape} needs sides >= 1")
+
+
+PRESETS: dict[str, GANConfig] = {
+    # Tests: seconds on a CPU.
+    "tiny": GANConfig(g_hidden=32, g_layers=2, d_hidden=32, d_layers=2, maxout=2, ema_decay=0.9),
+    # PacGAN's ring and grid runs: its networks, its loss (non-saturating), its
+    # optimizer (Adam, lr 1e-4, β1 0.8); pack=2 is its PacGAN2.
+    "ring": GANConfig(pack=2, g_lr=1e-4, d_lr=1e-4, b1=0.8),
+    # Class-conditional digits (8×8×1): hinge loss, spectral norm, projection discriminator.
+    "digits": GANConfig(
+        arch="conv",
+        shape=(8, 8, 1),
+        latent=32,
+        loss="hinge",
+        spectral_norm=True,
+        num_classes=10,
+    ),
+}
+
+# Logical axis -> mesh axis: hidden units and feature channels over fsdp.
+RULES: meshlib.Rules = {
+    "batch": meshlib.BATCH_AXES,
+    "hidden": "fsdp",
+    "hidden_in": None,
+    "channels": "fsdp",
+    "channels_in": None,
+    "conv_h": None,
+    "conv_w": None,
+    "features": None,
+}
+
+
+def check_batch_size(cfg: GANConfig, batch_size: int) -> None:
+    """A step splits its batch into ``d_steps`` slices, each into packs of ``pack``."""
+    n = cfg.d_steps * cfg.pack
+    if batch_size % n:
+        raise ValueError(
+            f"gan: a batch of {batch_size} does not split into d_steps={cfg.d_steps} slices "
+            f"of whole packs of {cfg.pack}; make the batch size a multiple of {n}"
+        )
+
+
+# ----------------------------------------------------------------------------- losses
+# Every loss is a mean over the discriminator's inputs (packs, with packing) and takes
+# logits, never probabilities: softplus(l) = −log σ(−l) stays exact where σ saturates.
+
+
+def minimax_d_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+    """−E log σ(D(x)) − E log(1 − σ(D(G(z)))) = E softplus(−D(x)) + E softplus(D(G(z))):
+    the discriminator's cross-entropy, real against fake (Goodfellow et al. 2014, Eq. 1)."""
+    return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
+
+
+def minimax_g_loss(fake_logits: jax.Array) -> jax.Array:
+    """E log(1 − σ(D(G(z)))) = −E softplus(D(G(z))): the other side of the same game.
+    It saturates: where D rejects the fakes confidently its gradient vanishes."""
+    return -jnp.mean(jax.nn.softplus(fake_logits))
+
+
+def nonsaturating_g_loss(fake_logits: jax.Array) -> jax.Array:
+    """−E log σ(D(G(z))) = E softplus(−D(G(z))): the same fixed point, strong gradients
+    early in training (Goodfellow et al. 2014, Section 3)."""
+    return jnp.mean(jax.nn.softplus(-fake_logits))
+
+
+def hinge_d_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+    """E max(0, 1 − D(x)) + E max(0, 1 + D(G(z))) (Lim & Ye 2017; Miyato et al. 2018)."""
+    return jnp.mean(jax.nn.relu(1 - real_logits)) + jnp.mean(jax.nn.relu(1 + fake_logits))
+
+
+def hinge_g_loss(fake_logits: jax.Array) -> jax.Array:
+    """−E D(G(z))."""
+    return -jnp.mean(fake_logits)
+
+
+# name -> (discriminator loss of (real, fake) logits, generator loss of fake logits)
+LOSSES: dict[str, tuple[Callable, Callable]] = {
+    "minimax": (minimax_d_loss, minimax_g_loss),
+    "nonsaturating": (minimax_d_loss, nonsaturating_g_loss),
+    "hinge": (hinge_d_loss, hinge_g_loss),
+}
+
+
+def r1_penalty(
+    d_apply: Callable[[Any, jax.Array], jax.Array], d_params: Any, x_real: jax.Array, *, gamma
+) -> jax.Array:
+    """γ/2 · E_x ‖∇ₓ D(x)‖² over real data (Mescheder et al. 2018, Eq. 9).
+
+    ``d_apply(d_params, x [B, ...]) -> logits [N]``, where logit n reads only its own
+    rows of x (with packing, N = B/M): then one backward pass of Σ logits gives every
+    input's gradient, and the expectation is over the N inputs of the discriminator.
+    """
+    logits, vjp = jax.vjp(lambda x: d_apply(d_params, x), x_real)
+    (grad,) = vjp(jnp.ones_like(logits))
+    return 0.5 * gamma * jnp.sum(jnp.square(grad)) / logits.size
+
+
+# ----------------------------------------------------------------------------- spectral norm
+
+
+def _unit(v: jax.Array) -> jax.Array:
+    return v * jax.lax.rsqrt(jnp.sum(jnp.square(v)) + 1e-12)
+
+
+def power_iteration(w: jax.Array, u_O: jax.Array, iterations: int = 1):
+    """(σ̂, u): the largest singular value of w read as a matrix [J, O], estimated by
+    ``iterations`` rounds of power iteration from u [O] (Miyato et al. 2018, Alg. 1).
+
+    σ̂ = vᵀ W u with v = W u / ‖W u‖. The vectors are constants to autodiff, so
+    ∂σ̂/∂W = v uᵀ, as in the paper; u is returned to start the next call from.
+    """
+    w_JO = w.reshape(-1, w.shape[-1])
+    w_fixed = jax.lax.stop_gradient(w_JO)
+
+    def one(u, _):
+        return _unit(_unit(w_fixed @ u) @ w_fixed), None
+
+    u_O, _ = jax.lax.scan(one, u_O, None, length=iterations)
+    u_O = jax.lax.stop_gradient(u_O)
+    v_J = _unit(w_fixed @ u_O)
+    return v_J @ w_JO @ u_O, u_O
+
+
+def init_spectral_state(d_params: Any, key: jax.Array) -> dict:
+    """A random unit vector u [O] for every weight of rank >= 2 (biases are not
+    normalized), in a dict of the parameters' structure."""
+    flat = traverse_util.flatten_dict(d_params)
+    weights = sorted((k for k, w in flat.items() if w.ndim >= 2), key=str)
+    keys = jax.random.split(key, len(weights))
+    u = {
+        k: _unit(jax.random.normal(kk, (flat[k].shape[-1],)))
+        for k, kk in zip(weights, keys, strict=True)
+    }
+    return traverse_util.unflatten_dict(u)
+
+
+def spectral_normalize(d_params: Any, sn_state: dict, iterations: int = 1):
+    """(weights, sn_state): every weight with a vector in ``sn_state`` divided by its σ̂
+    after ``iterations`` more power iterations, and those vectors (Miyato et al. 2018).
+    With no vectors (spectral norm off: ``{}``) the weights are the parameters."""
+    flat, flat_u = traverse_util.flatten_dict(d_params), traverse_util.flatten_dict(sn_state)
+    for k, u in flat_u.items():
+        sigma, flat_u[k] = power_iteration(flat[k], u, iterations)
+        flat[k] = flat[k] / sigma
+    return traverse_util.unflatten_dict(flat), traverse_util.unflatten_dict(flat_u)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack(x: jax.Array, m: int) -> jax.Array:
+    """[B, ..., C] → [B/M, ..., M·C]: each M consecutive examples side by side along the
+    last axis, features of points or channels of images (PacGAN, Lin et al. 2018).
+
+    Consecutive rows, so a pack stays on the device that holds its examples.
+    """
+    B = x.shape[0]
+    if B % m:
+        raise ValueError(
+            f"pack: a batch of {B} examples does not split into packs of {m}; "
+            f"make the batch size a multiple of pack={m}"
+        )
+    x_BM = x.reshape(B // m, m, *x.shape[1:])
+    return jnp.moveaxis(x_BM, 1, -2).reshape(B // m, *x.shape[1:-1], m * x.shape[-1])
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+def _modules(cfg: GANConfig, g_rngs: nnx.Rngs, d_rngs: nnx.Rngs):
+    packed = (*cfg.shape[:-1], cfg.pack * cfg.shape[-1])  # what the discriminator reads
+    K = cfg.num_classes
+    if cfg.arch == "mlp":
+        g = MLPGenerator(cfg.latent, cfg.shape[0], cfg.g_hidden, cfg.g_layers, K, rngs=g_rngs)
+        d = MLPDiscriminator(packed[0], cfg.d_hidden, cfg.d_layers, cfg.maxout, K, rngs=d_rngs)
+        return g, d
+    g = ConvGenerator(cfg.latent, cfg.shape, cfg.channels, cfg.groups, K, rngs=g_rngs)
+    return g, ConvDiscriminator(packed, cfg.channels, K, rngs=d_rngs)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract(cfg: GANConfig):
+    g, d = nnx.eval_shape(lambda: _modules(cfg, nnx.Rngs(0), nnx.Rngs(1)))
+    return nnx.split(g), nnx.split(d)
+
+
+def init_params(cfg: GANConfig, key: jax.Array) -> tuple[dict, dict]:
+    """(generator params, discriminator params), pure dicts."""
+    g_rngs = nnx.Rngs(params=jax.random.fold_in(key, 0))
+    d_rngs = nnx.Rngs(params=jax.random.fold_in(key, 1))
+    g, d = _modules(cfg, g_rngs, d_rngs)
+    return nnx.to_pure_dict(nnx.state(g)), nnx.to_pure_dict(nnx.state(d))
+
+
+def param_axes(cfg: GANConfig) -> dict[str, Any]:
+    """The logical axes of the state's parameter fields (optimizer moments follow them)."""
+
+    def axes(state):
+        flat = {path: var.get_metadata()["axes"] for path, var in nnx.to_flat_state(state)}
+        return nnx.to_pure_dict(nnx.from_flat_state(flat))
+
+    (_, g_state), (_, d_state) = _abstract(cfg)
+    return {"g_params": axes(g_state), "d_params": axes(d_state), "g_ema": axes(g_state)}
+
+
+def _merge(split, params: dict) -> nnx.Module:
+    graphdef, abstract = split
+    state = jax.tree.map(lambda x: x, abstract)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def generator(cfg: GANConfig, g_params: dict) -> nnx.Module:
+    """The generator with these weights: ``(z [B, Z], label [B] | None) -> x [B, ...]``."""
+    return _merge(_abstract(cfg)[0], g_params)
+
+
+def discriminator(cfg: GANConfig, d_params: dict) -> nnx.Module:
+    """The discriminator with these weights: ``(packed x, label | None) -> logits``, and
+    ``features(packed x) -> φ``. Spectral normalization comes before, on the params."""
+    return _merge(_abstract(cfg)[1], d_params)
+
+
+def generate(cfg: GANConfig, g_params: dict, z_BZ: jax.Array, label_B=None) -> jax.Array:
+    """G(z) [B, ...] (for labels [B] when class-conditional)."""
+    return generator(cfg, g_params)(z_BZ, label_B)
+
+
+def discriminate(cfg: GANConfig, d_weights: dict, x: jax.Array, label_B=None) -> jax.Array:
+    """D's logits [B/M] of examples [B, ...], packed M at a time, by the weights it uses:
+    ``spectral_normalize(state.d_params, state.d_sn_state)[0]``."""
+    return discriminator(cfg, d_weights)(pack(x, cfg.pack), label_B)
+
+
+def sample(cfg: GANConfig, g_params: dict, num: int, *, key: jax.Array, label_B=None):
+    """``num`` samples G(z), z ~ N(0, I); a conditional generator draws classes
+    0, 1, …, K−1, 0, … unless given labels [num]."""
+    if cfg.num_classes and label_B is None:
+        label_B = jnp.arange(num, dtype=jnp.int32) % cfg.num_classes
+    z_BZ = jax.random.normal(key, (num, cfg.latent))
+    return generate(cfg, g_params, z_BZ, label_B)
+
+
+# ----------------------------------------------------------------------------- the state
+
+
+class State(NamedTuple):
+    step: jax.Array  # int32 scalar: steps applied (generator updates; d_steps per step)
+    g_params: Any  # the generator's weights
+    d_params: Any  # the discriminator's raw weights (spectral norm divides them by σ̂)
+    g_opt_state: Any  # the generator's Adam moments, sharded like g_params
+    d_opt_state: Any  # the discriminator's, sharded like d_params
+    g_ema: Any  # EMA of g_params: what samples and evaluation use
+    # Spectral norm's power-iteration vectors u [O], one per discriminator weight ({}
+    # when off): not trained, carried forward one iteration by every discriminator step.
+    d_sn_state: Any
+    rng: jax.Array  # uint32 key data; step keys are fold_in(rng, step)
+
+
+def make_optimizers(cfg: GANConfig) -> tuple[optax.GradientTransformation, ...]:
+    """(generator's, discriminator's) Adam: constant rates, no clipping or decay."""
+    return (
+        optax.adam(cfg.g_lr, b1=cfg.b1, b2=cfg.b2),
+        optax.adam(cfg.d_lr, b1=cfg.b1, b2=cfg.b2),
+    )
+
+
+def init(cfg: GANConfig, key: jax.Array) -> State:
+    """Step 0: fresh networks, zero moments, g_ema = g_params, random unit vectors u."""
+    g_params, d_params = init_params(cfg, jax.random.fold_in(key, 0))
+    sn_key, rng = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
+    sn_state = init_spectral_state(d_params, sn_key) if cfg.spectral_norm else {}
+    g_opt, d_opt = make_optimizers(cfg)
+    return State(
+        step=jnp.zeros((), jnp.int32),
+        g_params=g_params,
+        d_params=d_params,
+        g_opt_state=g_opt.init(g_params),
+        d_opt_state=d_opt.init(d_params),
+        g_ema=g_params,
+        d_sn_state=sn_state,
+        rng=jax.random.key_data(rng),
+    )
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+def _labels(cfg: GANConfig, batch) -> jax.Array | None:
+    if not cfg.num_classes:
+        return None
+    if "label" not in batch:
+        raise ValueError(f"gan: num_classes={cfg.num_classes} needs batch['label'] [B]")
+    return batch["label"]
+
+
+def discriminator_step(cfg: GANConfig, state: State, batch, *, key: jax.Array):
+    """One discriminator update on ``batch`` ({"x": real [B, ...], "label": [B] when
+    conditional}) against B fresh fakes for the same labels: its loss (+ R1 on the
+    real examples) through the spectrally normalized weights, whose vectors advance
+    one power iteration. Only d_params, d_opt_state and d_sn_state change."""
+    x_real, label_B = batch["x"], _labels(cfg, batch)
+    z_BZ = jax.random.normal(key, (x_real.shape[0], cfg.latent))
+    x_fake = generate(cfg, state.g_params, z_BZ, label_B)  # only d_params are differentiated
+    d_loss_fn, _ = LOSSES[cfg.loss]
+
+    def loss_fn(d_params):
+        weights, sn_state = spectral_normalize(d_params, state.d_sn_state)
+        d_apply = lambda w, x: discriminate(cfg, w, x, label_B)
+        real, fake = d_apply(weights, x_real), d_apply(weights, x_fake)
+        r1 = jnp.zeros(())
+        if cfg.r1_gamma:
+            r1 = r1_penalty(d_apply, weights, x_real, gamma=cfg.r1_gamma)
+        loss = d_loss_fn(real, fake) + r1
+        return loss, (sn_state, {"r1": r1, "d_real": jnp.mean(real), "d_fake": jnp.mean(fake)})
+
+    (loss, (sn_state, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.d_params)
+    d_params, d_opt_state = train.apply_gradients(
+        make_optimizers(cfg)[1], state.d_params, state.d_opt_state, grads
+    )
+    metrics = {"d_loss": loss, "d_grad_norm": optax.tree.norm(grads), **aux}
+    new = state._replace(d_params=d_params, d_opt_state=d_opt_state, d_sn_state=sn_state)
+    return new, metrics
+
+
+def generator_step(cfg: GANConfig, state: State, batch, *, key: jax.Array):
+    """One generator update: fakes as many as ``batch`` has rows (for its labels),
+    scored by the discriminator as it stands (its vectors read, not stored), then
+    the EMA. Only g_params, g_opt_state and g_ema change."""
+    label_B = _labels(cfg, batch)
+    z_BZ = jax.random.normal(key, (batch["x"].shape[0], cfg.latent))
+    weights, _ = spectral_normalize(state.d_params, state.d_sn_state)
+    _, g_loss_fn = LOSSES[cfg.loss]
+
+    def loss_fn(g_params):
+        fake = generate(cfg, g_params, z_BZ, label_B)
+        return g_loss_fn(discriminate(cfg, weights, fake, label_B))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.g_params)
+    g_params, g_opt_state = train.apply_gradients(
+        make_optimizers(cfg)[0], state.g_params, state.g_opt_state, grads
+    )
+    g_ema = train.ema_update(state.g_ema, g_params, cfg.ema_decay)
+    metrics = {"g_loss": loss, "g_grad_norm": optax.tree.norm(grads)}
+    return state._replace(g_params=g_params, g_opt_state=g_opt_state, g_ema=g_ema), metrics
+
+
+def split_batch(batch, n: int):
+    """The batch as n slices stacked [n, B/n, ...]: slice i is rows i, i + n, …, so
+    every data shard holds its share of every slice and the scan never reshards."""
+    return jax.tree.map(lambda x: x.reshape(-1, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def make_step(cfg: GANConfig):
+    """The pure ``(state, batch) -> (state, metrics)`` of one step: ``d_steps``
+    discriminator updates (one ``lax.scan``), one generator update, step + 1. The
+    metrics are the discriminator steps' means and the generator step's values."""
+
+    def step(state: State, batch) -> tuple[State, dict]:
+        check_batch_size(cfg, batch["x"].shape[0])
+        key, n = train.step_key(state), cfg.d_steps
+
+        def d_update(state, xs):
+            i, slice_ = xs
+            return discriminator_step(cfg, state, slice_, key=jax.random.fold_in(key, i))
+
+        state, d_metrics = jax.lax.scan(d_update, state, (jnp.arange(n), split_batch(batch, n)))
+        state, g_metrics = generator_step(cfg, state, batch, key=jax.random.fold_in(key, n))
+        metrics = {**jax.tree.map(jnp.mean, d_metrics), **g_metrics}
+        return state._replace(step=state.step + 1), metrics
+
+    return step
