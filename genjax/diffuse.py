@@ -17,7 +17,6 @@ Two families share everything here and differ only in their presets:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
@@ -413,14 +412,7 @@ def check(cfg: Config, mesh) -> None:
             "model.shape and model.num_classes follow the data: make the config with "
             "run.configure, which fills them in"
         )
-    meshlib.check_batch_size(cfg.data.global_batch_size, mesh)
-    meshlib.check_process_batch_layout(cfg.data.global_batch_size, mesh)
-    local = cfg.data.global_batch_size // jax.process_count()
-    if local % cfg.optim.grad_accum:
-        raise ValueError(
-            f"optim.grad_accum={cfg.optim.grad_accum} does not divide the {local} examples "
-            "each process feeds an update"
-        )
+    generative.check_batch(cfg.data.global_batch_size, cfg.optim.grad_accum, mesh)
 
 
 def data(cfg: Config, workdir: pathlib.Path) -> run.Data:
@@ -519,14 +511,6 @@ def _scaled_to(cfg: Config, explicit: frozenset[str]) -> diffusion.Process:
     return process
 
 
-def _add_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", help="ring | grid (2-D), digits | PATH.npy (images)")
-
-
-def _flag_overrides(args: argparse.Namespace) -> list[str]:
-    return [f"data.dataset={args.dataset}"] if args.dataset else []
-
-
 PRESETS = {
     "default": Config(),
     # Seconds on a CPU: a small network, few updates, few samples.
@@ -581,8 +565,8 @@ _SHARED = dict(
     check=check,
     compare=("model", "process", "data"),
     complete=complete,
-    add_flags=_add_flags,
-    flag_overrides=_flag_overrides,
+    add_flags=generative.add_dataset_flag,
+    flag_overrides=generative.dataset_override,
 )
 FAMILY = run.Family(presets=PRESETS, default_preset="default", **_SHARED)
 IMAGES = run.Family(presets=IMAGE_PRESETS, default_preset="default", **_SHARED)

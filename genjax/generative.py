@@ -18,6 +18,7 @@ batches, its evaluation and, at the end, the workdir's ``eval.json``, ``samples.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import pathlib
@@ -28,6 +29,7 @@ import grain
 import jax
 import numpy as np
 
+from genjax import mesh as meshlib
 from genjax import run
 from genjax.data import images as imagelib
 from genjax.data import toy2d
@@ -77,6 +79,8 @@ class Sampling:
     # Images: state -> the test split's bits/dim, for a model with a likelihood.
     bits_per_dim: Callable[[Any, imagelib.Images], float] | None = None
     describe: str = ""  # how they are drawn, for the printed line ("heun, 128 levels")
+    # Images: (state, images) -> None, more pictures in the workdir at the end (process 0).
+    pictures: Callable[[Any, imagelib.Images], None] | None = None
 
 
 def data(cfg: DataConfig, workdir: pathlib.Path, sampling: Sampling) -> run.Data:
@@ -157,7 +161,6 @@ def _image_data(cfg: DataConfig, workdir: pathlib.Path, sampling: Sampling) -> r
         return metrics
 
     def finish(state, metrics: dict[str, float]) -> None:
-        del state
         if jax.process_index() == 0:
             report = {"samples": metrics, "num": sampling.num}
             if images.train_labels is not None:
@@ -170,6 +173,8 @@ def _image_data(cfg: DataConfig, workdir: pathlib.Path, sampling: Sampling) -> r
             levels = imagelib.to_levels(last["samples"], images.levels)
             np.save(workdir / "samples.npy", levels[..., 0] if levels.shape[-1] == 1 else levels)
             plot_images(workdir / "samples.png", levels, images, metrics, sampling.labels)
+            if sampling.pictures is not None:
+                sampling.pictures(state, images)
         _print_scores(cfg, sampling, metrics)
 
     return run.Data(
@@ -179,6 +184,26 @@ def _image_data(cfg: DataConfig, workdir: pathlib.Path, sampling: Sampling) -> r
         describe=f"{len(images.train):,} {images.name} images {images.shape}",
         throughput=("images", cfg.global_batch_size),
     )
+
+
+def check_batch(global_batch_size: int, grad_accum: int, mesh) -> None:
+    """The batch divides over the mesh's data axes, the processes and the micro-batches."""
+    meshlib.check_batch_size(global_batch_size, mesh)
+    meshlib.check_process_batch_layout(global_batch_size, mesh)
+    local = global_batch_size // jax.process_count()
+    if local % grad_accum:
+        raise ValueError(
+            f"optim.grad_accum={grad_accum} does not divide the {local} examples each "
+            "process feeds an update"
+        )
+
+
+def add_dataset_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", help="ring | grid (2-D), digits | PATH.npy (images)")
+
+
+def dataset_override(args: argparse.Namespace) -> list[str]:
+    return [f"data.dataset={args.dataset}"] if args.dataset else []
 
 
 def _print_scores(cfg: DataConfig, sampling: Sampling, metrics: dict[str, float]) -> None:
