@@ -410,18 +410,22 @@ def iwae_bound(
     B, Z = mean_BZ.shape
     x_CB = jnp.broadcast_to(x, (chunk, *x.shape)).reshape(chunk * B, *x.shape[1:])
 
-    def add_chunk(lse_B, index_C):
+    def chunk_logsumexp(index_C):
         eps_CBZ = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (B, Z)))(index_C)
         z_CBZ = mean_BZ + jnp.exp(0.5 * logvar_BZ) * eps_CBZ
         log_px_z = log_likelihood(cfg, model.decode(z_CBZ.reshape(chunk * B, Z)), x_CB)
         log_pz = -0.5 * jnp.sum(jnp.square(z_CBZ) + LOG_2PI, axis=-1)
         # log q(z|x) from the noise itself: z − μ = σ·ε, so no division by σ.
         log_qz = -0.5 * jnp.sum(jnp.square(eps_CBZ) + LOG_2PI + logvar_BZ, axis=-1)
-        log_w_CB = log_px_z.reshape(chunk, B) + log_pz - log_qz
-        return jnp.logaddexp(lse_B, jax.nn.logsumexp(log_w_CB, axis=0)), None
+        return jax.nn.logsumexp(log_px_z.reshape(chunk, B) + log_pz - log_qz, axis=0)
 
-    start_B = jnp.full((B,), -jnp.inf, jnp.float32)
-    lse_B, _ = jax.lax.scan(add_chunk, start_B, jnp.arange(k).reshape(k // chunk, chunk))
+    def add_chunk(lse_B, index_C):
+        return jnp.logaddexp(lse_B, chunk_logsumexp(index_C)), None
+
+    # The first chunk starts the running sum: a constant start (−∞) would not carry the
+    # batch's device-varying type under shard_map, which scan requires of its carry.
+    index_NC = jnp.arange(k).reshape(k // chunk, chunk)
+    lse_B, _ = jax.lax.scan(add_chunk, chunk_logsumexp(index_NC[0]), index_NC[1:])
     return lse_B - math.log(k)
 
 
