@@ -1,0 +1,35 @@
+"""A GAN of an exact 2-D mixture, the ring of 8 or the grid of 25 Gaussians: PacGAN's setup.
+
+Command (resumes when re-run with the same --workdir):
+
+    python experiments/gan_2d.py --workdir runs/gan-ring
+    python experiments/gan_2d.py --workdir runs/gan-grid --dataset grid
+
+Hardware and time: a 2-core CPU, TIME_2D; with no other flags, PacGAN2 (Lin et al.,
+2018): its generator (4 × 400 ReLU) and maxout discriminator (3 × 200, 5 pieces) on
+pairs of examples, the non-saturating loss, Adam (lr 1e-4, β1 0.8), 10,000 steps of
+512 points. Evaluation draws 2,500 samples of the generator's EMA and scores them by
+the PacGAN protocol next to a perfect sampler. The workdir then holds ``samples.npy``
+(2,500 × 2), ``samples.png`` and ``eval.json``. Measured numbers:
+experiments/benchmarks/RESULTS.md.
+
+Local smoke run (seconds):
+
+    python experiments/gan_2d.py --workdir /tmp/gan-ring --preset tiny
+
+Any config field can be overridden with ``--set section.field=value`` (sections: model,
+data, run, sample; see genjax/gan.py and genjax/models/gan.py), e.g. a plain GAN:
+``--set model.pack=1``; R1: ``--set model.r1_gamma=0.1``.
+"""
+
+import sys
+
+from genjax import gan, run
+
+
+def main(argv=None) -> int:
+    return run.main(gan.FAMILY, argv, description=__doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The GAN family on the shared run layer: 2-D mixtures and images.
+
+data (``genjax.generative``: exact mixture points, or images) → grain iterator (per
+process) → the run layer → one step of ``d_steps`` discriminator updates and one
+generator update (``genjax.models.gan``: its losses, R1, spectral norm, PacGAN
+packing, the generator's EMA) → evaluation (``genjax.generative``, every generating
+family's): samples of the EMA generator scored by the PacGAN protocol (2-D) or in a
+classifier's features next to the real-vs-real floor (images; a class-conditional
+generator draws 0, 1, …, 9, 0, …). At the end the workdir gets ``samples.npy``,
+``samples.png`` and ``eval.json``.
+
+``FAMILY`` (2-D mixtures, ``experiments/gan_2d.py``) and ``IMAGES`` (digits,
+``experiments/gan_digits.py``) share everything and differ in their presets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+
+import jax
+import numpy as np
+
+from genjax import evaluate as evallib
+from genjax import generative, run
+from genjax.models import gan
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """How evaluation samples."""
+
+    num: int = 2500  # samples scored (PacGAN's count for 2-D)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num < 1:
+            raise ValueError(f"sample config: num={self.num} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: gan.GANConfig = dataclasses.field(default_factory=lambda: gan.PRESETS["ring"])
+    data: generative.DataConfig = dataclasses.field(default_factory=generative.DataConfig)
+    run: run.RunConfig = dataclasses.field(
+        default_factory=lambda: run.RunConfig(steps=10_000, checkpoint_every=2000, log_every=100)
+    )
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+
+
+State = gan.State
+
+
+def init(cfg: Config, key: jax.Array) -> State:
+    return gan.init(cfg.model, key)
+
+
+def make_step(cfg: Config):
+    return gan.make_step(cfg.model)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num"))
+def _generate(cfg: gan.GANConfig, g_params, key, *, num: int) -> jax.Array:
+    return gan.sample(cfg, g_params, num, key=key)
+
+
+def draw(cfg: Config, g_params, *, num: int, seed: int = 0) -> np.ndarray:
+    """``num`` samples [num, *shape] of the generator ``g_params`` (images in [−1, 1]);
+    a class-conditional generator draws classes 0, 1, …, K−1, 0, …"""
+    g_params = evallib.gather_to_host(g_params)
+    return np.asarray(_generate(cfg.model, g_params, jax.random.key(seed), num=num))
+
+
+def sample_labels(cfg: gan.GANConfig, num: int) -> np.ndarray | None:
+    """The classes ``draw`` draws ``num`` samples for (None: unconditional)."""
+    return np.arange(num, dtype=np.int32) % cfg.num_classes if cfg.num_classes else None
+
+
+def data(cfg: Config, workdir: pathlib.Path) -> run.Data:
+    s = cfg.sample
+    sampling = generative.Sampling(
+        draw=lambda state: draw(cfg, state.g_ema, num=s.num, seed=s.seed),
+        num=s.num,
+        seed=s.seed,
+        labels=sample_labels(cfg.model, s.num),
+        describe="EMA generator",
+    )
+    return generative.data(cfg.data, workdir, sampling)
+
+
+def check(cfg: Config, mesh) -> None:
+    generative.check_batch(cfg.data.global_batch_size, 1, mesh)
+    local = cfg.data.global_batch_size // jax.process_count()
+    gan.check_batch_size(cfg.model, local)
+
+
+def complete(cfg: Config, explicit: frozenset[str]) -> Config:
+    """The networks take the data's shape and, for labelled images, its classes."""
+    if not cfg.data.is_images:
+        if cfg.model.arch != "mlp" or cfg.model.num_classes:
+            raise ValueError(
+                f"data.dataset={cfg.data.dataset!r} is unlabelled 2-D points: use "
+                "model.arch=mlp and model.num_classes=0"
+            )
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shape=(2,)))
+    if cfg.model.arch != "conv":
+        raise ValueError("images need model.arch=conv")
+    images = cfg.data.load_images()
+    num_classes = cfg.model.num_classes
+    if num_classes and images.train_labels is None:
+        raise ValueError(
+            "model.num_classes > 0 needs labels; give them with data.labels=PATH.npy or "
+            "set model.num_classes=0"
+        )
+    if num_classes and "model.num_classes" not in explicit:
+        num_classes = images.num_classes
+    if images.train_labels is not None and not 4 <= cfg.sample.num <= len(images.train):
+        raise ValueError(
+            f"sample.num={cfg.sample.num}: the scores need 4..{len(images.train)} samples (the "
+            "real-vs-real floor scores as many training images)"
+        )
+    model = dataclasses.replace(cfg.model, shape=images.shape, num_classes=num_classes)
+    return dataclasses.replace(cfg, model=model)
+
+
+PRESETS = {
+    "default": Config(),
+    # Seconds on a CPU: small networks, few updates, few samples.
+    "tiny": Config(
+        model=dataclasses.replace(gan.PRESETS["tiny"], pack=2),
+        data=generative.DataConfig(size=4096, global_batch_size=64),
+        run=run.RunConfig(steps=40, checkpoint_every=20, log_every=10),
+        sample=SampleConfig(num=256),
+    ),
+}
+_DIGITS = Config(
+    model=gan.PRESETS["digits"],
+    data=generative.DataConfig(dataset="digits", dequantize=False, global_batch_size=128),
+    run=run.RunConfig(steps=5000, checkpoint_every=1000, log_every=100),
+    sample=SampleConfig(num=1000),
+)
+IMAGE_PRESETS = {
+    "default": _DIGITS,
+    "tiny": dataclasses.replace(
+        _DIGITS,
+        model=dataclasses.replace(gan.PRESETS["digits"], channels=(8, 16), groups=4, latent=8),
+        data=generative.DataConfig(dataset="digits", dequantize=False, global_batch_size=32),
+        run=run.RunConfig(steps=20, checkpoint_every=10, log_every=10),
+        sample=SampleConfig(num=40),
+    ),
+}
+
+_SHARED = dict(
+    name="gan",
+    init=init,
+    param_axes=lambda cfg: gan.param_axes(cfg.model),
+    rules=gan.RULES,
+    step=make_step,
+    data=data,
+    check=check,
+    complete=complete,
+    add_flags=generative.add_dataset_flag,
+    flag_overrides=generative.dataset_override,
+)
+FAMILY = run.Family(presets=PRESETS, default_preset="default", **_SHARED)
+IMAGES = run.Family(presets=IMAGE_PRESETS, default_preset="default", **_SHARED)
