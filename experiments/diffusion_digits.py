@@ -4,8 +4,8 @@ Command (resumes when re-run with the same --workdir):
 
     python experiments/diffusion_digits.py --workdir runs/digits
 
-Hardware and time: a 2-core CPU, about 38 minutes (8,000 updates at about 4
-per second, then the evaluation; experiments/benchmarks/RESULTS.md); with no
+Hardware and time: a 2-core CPU, about 29 minutes (5,000 updates at about 3.7
+per second, then 5 minutes of evaluation; experiments/benchmarks/RESULTS.md); with no
 other flags a class-conditional U-Net (diffusers' UNet2DModel layout, 32/64
 channels, attention at 4×4) is trained by denoising score matching with EDM
 preconditioning on the 1,437 training digits, dequantized, one label in ten

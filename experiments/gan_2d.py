@@ -5,12 +5,12 @@ Command (resumes when re-run with the same --workdir):
     python experiments/gan_2d.py --workdir runs/gan-ring
     python experiments/gan_2d.py --workdir runs/gan-grid --dataset grid
 
-Hardware and time: a 2-core CPU, TIME_2D; with no other flags, PacGAN2 (Lin et al.,
-2018): its generator (4 × 400 ReLU) and maxout discriminator (3 × 200, 5 pieces) on
-pairs of examples, the non-saturating loss, Adam (lr 1e-4, β1 0.8), 10,000 steps of
-512 points. Evaluation draws 2,500 samples of the generator's EMA and scores them by
-the PacGAN protocol next to a perfect sampler. The workdir then holds ``samples.npy``
-(2,500 × 2), ``samples.png`` and ``eval.json``. Measured numbers:
+Hardware: a 2-core CPU (time and scores not yet measured). With no other flags, PacGAN2
+(Lin et al., 2018): its generator (4 × 400 ReLU) and maxout discriminator (3 × 200, 5
+pieces) on pairs of examples, the non-saturating loss, Adam (lr 1e-4, β1 0.8), 10,000
+steps of 512 points. Evaluation draws 2,500 samples of the generator's EMA and scores
+them by the PacGAN protocol next to a perfect sampler. The workdir then holds
+``samples.npy`` (2,500 × 2), ``samples.png`` and ``eval.json``. Measured numbers:
 experiments/benchmarks/RESULTS.md.
 
 Local smoke run (seconds):

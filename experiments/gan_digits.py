@@ -4,14 +4,14 @@ Command (resumes when re-run with the same --workdir):
 
     python experiments/gan_digits.py --workdir runs/gan-digits
 
-Hardware and time: a 2-core CPU, TIME_DIGITS; with no other flags, 5,000 steps of 128
-digits: a convolutional generator conditioned on the class (a label embedding joined to
-z) against a spectrally normalized convolutional discriminator with a class projection
-(Miyato & Koyama, 2018), hinge loss, Adam (β1 0.5). Evaluation draws 1,000 samples of
-the generator's EMA, 100 per class, and scores them in the features of a classifier
-trained on the train split, next to real train digits scored the same way. The workdir
-then holds ``samples.npy`` (1,000 × 8 × 8 on the digits' 0–16 scale), ``samples.png``
-(one row per class) and ``eval.json``.
+Hardware: a 2-core CPU (time and scores not yet measured). With no other flags, 5,000
+steps of 128 digits: a convolutional generator conditioned on the class (a label
+embedding joined to z) against a spectrally normalized convolutional discriminator with
+a class projection (Miyato & Koyama, 2018), hinge loss, Adam (β1 0.5). Evaluation draws
+1,000 samples of the generator's EMA, 100 per class, and scores them in the features of
+a classifier trained on the train split, next to real train digits scored the same way.
+The workdir then holds ``samples.npy`` (1,000 × 8 × 8 on the digits' 0–16 scale),
+``samples.png`` (one row per class) and ``eval.json``.
 
 Local smoke run (seconds):
 

@@ -5,13 +5,13 @@ Command (resumes when re-run with the same --workdir):
     python experiments/vae_2d.py --workdir runs/vae-ring
     python experiments/vae_2d.py --workdir runs/vae-grid --dataset grid
 
-Hardware and time: a 2-core CPU, TIME_2D; with no other flags, 10,000 updates of 512
-points (MLP encoder and decoder of two hidden layers of 128, a 2-D latent, a Gaussian
-decoder with a learned standard deviation per coordinate). Evaluation draws 2,500
-samples, z ~ N(0, I) then x ~ p(x|z), and scores them by the PacGAN protocol next to a
-perfect sampler. The workdir then holds ``samples.npy`` (2,500 × 2), ``samples.png``
-(the samples over the true density's contours) and ``eval.json``. Measured numbers:
-experiments/benchmarks/RESULTS.md.
+Hardware: a 2-core CPU (time and scores not yet measured). With no other flags, 10,000
+updates of 512 points (MLP encoder and decoder of two hidden layers of 128, a 2-D
+latent, a Gaussian decoder with a learned standard deviation per coordinate). Evaluation
+draws 2,500 samples, z ~ N(0, I) then x ~ p(x|z), and scores them by the PacGAN protocol
+next to a perfect sampler. The workdir then holds ``samples.npy`` (2,500 × 2),
+``samples.png`` (the samples over the true density's contours) and ``eval.json``.
+Measured numbers: experiments/benchmarks/RESULTS.md.
 
 Local smoke run (seconds):
 
