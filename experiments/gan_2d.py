@@ -10,8 +10,7 @@ Hardware: a 2-core CPU (time and scores not yet measured). With no other flags, 
 pieces) on pairs of examples, the non-saturating loss, Adam (lr 1e-4, β1 0.8), 10,000
 steps of 512 points. Evaluation draws 2,500 samples of the generator's EMA and scores
 them by the PacGAN protocol next to a perfect sampler. The workdir then holds
-``samples.npy`` (2,500 × 2), ``samples.png`` and ``eval.json``. Measured numbers:
-experiments/benchmarks/RESULTS.md.
+``samples.npy`` (2,500 × 2), ``samples.png`` and ``eval.json``.
 
 Local smoke run (seconds):
 

@@ -11,7 +11,6 @@ latent, a Gaussian decoder with a learned standard deviation per coordinate). Ev
 draws 2,500 samples, z ~ N(0, I) then x ~ p(x|z), and scores them by the PacGAN protocol
 next to a perfect sampler. The workdir then holds ``samples.npy`` (2,500 × 2),
 ``samples.png`` (the samples over the true density's contours) and ``eval.json``.
-Measured numbers: experiments/benchmarks/RESULTS.md.
 
 Local smoke run (seconds):
 
