@@ -466,11 +466,7 @@ def complete(cfg: Config, explicit: frozenset[str]) -> Config:
             f"{images.name}: images of {height}×{width} do not divide by {scale}, what the "
             f"{model.arch} shrinks them by; change {knob}"
         )
-    if images.train_labels is not None and not 4 <= cfg.sample.num <= len(images.train):
-        raise ValueError(
-            f"sample.num={cfg.sample.num}: the scores need 4..{len(images.train)} samples (the "
-            "real-vs-real floor scores as many training images)"
-        )
+    generative.check_sample_count(images, cfg.sample.num)
     if (
         model.conditional
         and model.cond_dropout == 0

@@ -115,11 +115,7 @@ def complete(cfg: Config, explicit: frozenset[str]) -> Config:
         )
     if num_classes and "model.num_classes" not in explicit:
         num_classes = images.num_classes
-    if images.train_labels is not None and not 4 <= cfg.sample.num <= len(images.train):
-        raise ValueError(
-            f"sample.num={cfg.sample.num}: the scores need 4..{len(images.train)} samples (the "
-            "real-vs-real floor scores as many training images)"
-        )
+    generative.check_sample_count(images, cfg.sample.num)
     model = dataclasses.replace(cfg.model, shape=images.shape, num_classes=num_classes)
     return dataclasses.replace(cfg, model=model)
 

@@ -198,6 +198,15 @@ def check_batch(global_batch_size: int, grad_accum: int, mesh) -> None:
         )
 
 
+def check_sample_count(images: imagelib.Images, num: int) -> None:
+    """Labelled images are scored against as many real training images: 4..N of them."""
+    if images.train_labels is not None and not 4 <= num <= len(images.train):
+        raise ValueError(
+            f"sample.num={num}: the scores need 4..{len(images.train)} samples (the "
+            "real-vs-real floor scores as many training images)"
+        )
+
+
 def add_dataset_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="ring | grid (2-D), digits | PATH.npy (images)")
 

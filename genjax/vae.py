@@ -213,11 +213,7 @@ def complete(cfg: Config, explicit: frozenset[str]) -> Config:
         )
     images = cfg.data.load_images()
     model = dataclasses.replace(cfg.model, shape=images.shape, levels=images.levels)
-    if images.train_labels is not None and not 4 <= cfg.sample.num <= len(images.train):
-        raise ValueError(
-            f"sample.num={cfg.sample.num}: the scores need 4..{len(images.train)} samples (the "
-            "real-vs-real floor scores as many training images)"
-        )
+    generative.check_sample_count(images, cfg.sample.num)
     return dataclasses.replace(cfg, model=model)
 
 
