@@ -188,7 +188,9 @@ def _arch_config(cfg: ModelConfig):
 def _module(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     arch = _arch_config(cfg)
     if cfg.arch == "mlp":
-        return NoiseMLP(cfg.shape[0], arch.hidden, arch.layers, arch.embed, rngs=rngs)
+        num_classes = cfg.num_classes if cfg.condition == "class" else 0
+        return NoiseMLP(cfg.shape[0], arch.hidden, arch.layers, arch.embed, num_classes,
+                        rngs=rngs)  # fmt: skip
     return (UNet if cfg.arch == "unet" else DiT)(arch, rngs=rngs)
 
 

@@ -25,14 +25,13 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 
 from genjax import mesh as meshlib
 from genjax import run
 from genjax.data import images as imagelib
-from genjax.data import toy2d
+from genjax.data import rows, toy2d
 from genjax.metrics import images as image_metrics
 from genjax.metrics.modes import mode_metrics
 
@@ -95,10 +94,7 @@ def data(cfg: DataConfig, workdir: pathlib.Path, sampling: Sampling) -> run.Data
 def point_batches(cfg: DataConfig):
     """This process's share of shuffled, endlessly repeated batches of mixture points."""
     points = toy2d.get(cfg.dataset).sample(cfg.size, seed=cfg.seed)
-    n, i = jax.process_count(), jax.process_index()
-    ds = grain.MapDataset.source(points).shuffle(seed=cfg.seed).repeat()
-    ds = ds.batch(cfg.global_batch_size // n)[i::n].map(lambda x: {"x": x})
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)))
+    return rows.row_batches({"x": points}, cfg.global_batch_size, seed=cfg.seed)
 
 
 def _point_data(cfg: DataConfig, workdir: pathlib.Path, sampling: Sampling) -> run.Data:
@@ -116,7 +112,7 @@ def _point_data(cfg: DataConfig, workdir: pathlib.Path, sampling: Sampling) -> r
             write_report(workdir, {"samples": metrics, "perfect_sampler": floor})
             np.save(workdir / "samples.npy", last["samples"])
             plot_points(workdir / "samples.png", mixture, last["samples"], metrics)
-        _print_scores(cfg, sampling, metrics)
+        _print_scores(cfg.dataset, sampling, metrics)
 
     return run.Data(
         batches=point_batches(cfg),
@@ -151,6 +147,25 @@ def _image_data(cfg: DataConfig, workdir: pathlib.Path, sampling: Sampling) -> r
     iterator = imagelib.batches(
         images, cfg.global_batch_size, seed=cfg.seed, dequantize=cfg.dequantize
     )
+    return image_run_data(
+        images, workdir, sampling, iterator,
+        describe=f"{len(images.train):,} {images.name} images {images.shape}",
+        throughput=("images", cfg.global_batch_size),
+    )  # fmt: skip
+
+
+def image_run_data(
+    images: imagelib.Images,
+    workdir: pathlib.Path,
+    sampling: Sampling,
+    batches,
+    *,
+    describe: str,
+    throughput: tuple[str, int],
+) -> run.Data:
+    """The run layer's data of a family that generates ``images``, trained on
+    ``batches`` (the images themselves, or what a model made of them: a VAE's
+    latents): its evaluation and the files written when the run ends."""
     last: dict[str, np.ndarray] = {}
 
     def evaluate(state) -> dict[str, float]:
@@ -175,15 +190,12 @@ def _image_data(cfg: DataConfig, workdir: pathlib.Path, sampling: Sampling) -> r
             plot_images(workdir / "samples.png", levels, images, metrics, sampling.labels)
             if sampling.pictures is not None:
                 sampling.pictures(state, images)
-        _print_scores(cfg, sampling, metrics)
+        _print_scores(images.name, sampling, metrics)
 
     return run.Data(
-        batches=iterator,
-        evaluate=evaluate,
-        finish=finish,
-        describe=f"{len(images.train):,} {images.name} images {images.shape}",
-        throughput=("images", cfg.global_batch_size),
-    )
+        batches=batches, evaluate=evaluate, finish=finish, describe=describe,
+        throughput=throughput,
+    )  # fmt: skip
 
 
 def check_batch(global_batch_size: int, grad_accum: int, mesh) -> None:
@@ -215,10 +227,10 @@ def dataset_override(args: argparse.Namespace) -> list[str]:
     return [f"data.dataset={args.dataset}"] if args.dataset else []
 
 
-def _print_scores(cfg: DataConfig, sampling: Sampling, metrics: dict[str, float]) -> None:
+def _print_scores(name: str, sampling: Sampling, metrics: dict[str, float]) -> None:
     scores = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
     how = f", {sampling.describe}" if sampling.describe else ""
-    print(f"{cfg.dataset}: {scores} ({sampling.num} samples{how})")
+    print(f"{name}: {scores} ({sampling.num} samples{how})")
 
 
 def write_report(workdir: pathlib.Path, report: dict) -> None:

@@ -110,12 +110,19 @@ def make_step(cfg: Config):
 # ----------------------------------------------------------------------------- sampling
 
 
+@functools.partial(jax.jit, static_argnames="cfg")
+def decoded_images(cfg: vae.VAEConfig, params, z_NZ: jax.Array) -> jax.Array:
+    """Images [N, H, W, C] in [−1, 1] of latents z [N, Z]: the decoder's mean (float
+    levels; the scores round them)."""
+    return imagelib.to_unit(vae.decode_mean(cfg, params, z_NZ), cfg.levels)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "num"))
 def _generate(cfg: vae.VAEConfig, params, key, *, num: int) -> jax.Array:
     k_z, k_x = jax.random.split(key)
     z_NZ = vae.sample_prior(cfg, num, key=k_z)
     if cfg.levels:
-        return imagelib.to_unit(vae.decode_mean(cfg, params, z_NZ), cfg.levels)
+        return decoded_images(cfg, params, z_NZ)
     theta = vae.decode(cfg, params, z_NZ)
     mean, log_std = theta[..., 0], theta[..., 1]
     return mean + jnp.exp(log_std) * jax.random.normal(k_x, mean.shape)

@@ -162,9 +162,13 @@ def test_diffusion_digits_quality_trains_a_run_and_scores_it(tmp_path):
     assert plot.stat().st_size > 0
 
 
-def test_diffusion_2d_quality_benchmark_runs_one_seed(tmp_path):
+@pytest.mark.parametrize("family", ["diffusion", "gan"])
+def test_quality_2d_benchmark_runs_one_seed(tmp_path, family):
     out = _run_script(
-        "diffusion_2d_quality.py", "--preset", "tiny", "--seeds", "1", "--datasets", "ring",
-        "--workdir", str(tmp_path),
+        "quality_2d.py", "--family", family, "--preset", "tiny", "--seeds", "1",
+        "--datasets", "ring", "--workdir", str(tmp_path), "--set", "run.steps=20",
+        "--label", "short",
     )  # fmt: skip
-    assert "\n| ring | 1 | " in out.stdout and "\n| ring | 0 | " in out.stdout, out.stdout
+    name = f"{family} short"
+    assert f"\n| {name} | ring | 1 | " in out.stdout, out.stdout
+    assert f"\n| {name} | ring | 0 | " in out.stdout, out.stdout

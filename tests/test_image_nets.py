@@ -1,7 +1,8 @@
 """Image denoisers (genjax.nn.unet, genjax.nn.dit) and their conditioning
 (genjax.nn.conditioning): shapes, dependence on every input, padding masked,
 logical axes on every parameter, sharded forward equal to one device, and the
-U-Net's parameter count against Hugging Face diffusers' UNet2DModel."""
+U-Net's parameter count against Hugging Face diffusers' UNet2DModel; the labels
+of the MLP denoiser (genjax.nn.mlp) of 2-D points and latents."""
 
 import math
 
@@ -14,6 +15,7 @@ from flax import nnx
 from genjax import mesh as meshlib
 from genjax.nn import conditioning
 from genjax.nn.dit import DiT, DiTConfig
+from genjax.nn.mlp import NoiseMLP
 from genjax.nn.unet import UNet, UNetConfig
 
 # The axis vocabulary of the image networks and the rules their docstrings recommend.
@@ -257,3 +259,18 @@ def test_bad_configs_and_inputs_are_clear_errors():
         dit(x, noise, jnp.zeros((1,), jnp.int32))
     with pytest.raises(ValueError, match="must divide by the patch 2"):
         dit(jnp.zeros((1, 7, 8, 1)), noise)
+
+
+def test_noise_mlp_reads_labels_and_none_is_the_null_label():
+    net = randomized(lambda: NoiseMLP(4, 16, 2, 8, num_classes=3, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((B, 4)), jnp.float32)
+    noise = jnp.asarray(rng.uniform(-1, 1, B), jnp.float32)
+    label = jnp.asarray(rng.integers(0, 3, B), jnp.int32)
+    out = net(x, noise, label)
+    assert out.shape == x.shape
+    assert float(jnp.min(jnp.max(jnp.abs(net(x, noise, (label + 1) % 3) - out), -1))) > 1e-3
+    np.testing.assert_allclose(net(x, noise), net(x, noise, jnp.full_like(label, 3)), rtol=1e-6)
+    unlabelled = randomized(lambda: NoiseMLP(4, 16, 2, 8, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="num_classes=0"):
+        unlabelled(x, noise, label)

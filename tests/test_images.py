@@ -161,7 +161,7 @@ def test_batches_shapes_dtypes_and_ranges(digits):
     unlabelled = dataclasses.replace(digits, train_labels=None, test_labels=None)
     assert set(next(images.batches(unlabelled, 4, seed=0))) == {"x"}
     for bad in (0, 1438):
-        with pytest.raises(ValueError, match="number of training images"):
+        with pytest.raises(ValueError, match="number of training examples"):
             images.batches(digits, bad, seed=0)
 
 

@@ -22,10 +22,11 @@ import math
 import pathlib
 from collections.abc import Iterator
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from genjax.data import rows
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -210,33 +211,13 @@ def batches(
     ``dequantize`` does (fresh noise per batch, seeded by the batch's index). The
     iterator is grain's, so it checkpoints its position (get_state / set_state).
     """
-    n, i = jax.process_count(), jax.process_index()
-    if not 1 <= global_batch_size <= len(images.train):
-        raise ValueError(
-            f"global_batch_size={global_batch_size}; expected 1..{len(images.train)}, "
-            "the number of training images"
-        )
-    if global_batch_size % n:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} does not divide over {n} processes"
-        )
-    # ShuffleMapDataset seeds index k's permutation with seed + k // N, and
-    # repeat() keeps that epoch number (reseed_each_epoch=True), so every epoch
-    # is a fresh permutation (grain 0.2.18, transformations/shuffle.py).
-    ds = grain.MapDataset.range(len(images.train)).shuffle(seed=seed).repeat()
-    ds = ds.batch(global_batch_size // n).map(lambda index_b: _gather(images, index_b))
-    if dequantize:  # before the split over processes: noise seeded by the global index
-        ds = ds.random_map(functools.partial(_dequantize_batch, levels=images.levels), seed=seed)
-    return iter(ds[i::n].to_iter_dataset(grain.ReadOptions(num_threads=0)))
+    arrays = {"x": to_unit(images.train, images.levels)}
+    if images.train_labels is not None:
+        arrays["label"] = images.train_labels
+    spread = functools.partial(_dequantize_batch, levels=images.levels) if dequantize else None
+    return rows.row_batches(arrays, global_batch_size, seed=seed, transform=spread)
 
 
 def _dequantize_batch(batch: dict, rng: np.random.Generator, *, levels: int) -> dict:
     u = rng.random(batch["x"].shape, np.float32)
     return {**batch, "x": _spread_over_bin(batch["x"], u, levels)}
-
-
-def _gather(images: Images, index_b: np.ndarray) -> dict[str, np.ndarray]:
-    batch = {"x": to_unit(images.train[index_b], images.levels)}
-    if images.train_labels is not None:
-        batch["label"] = images.train_labels[index_b]
-    return batch
