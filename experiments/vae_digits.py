@@ -4,7 +4,7 @@ Command (resumes when re-run with the same --workdir):
 
     python experiments/vae_digits.py --workdir runs/vae-digits
 
-Hardware: a 2-core CPU (time and scores not yet measured). With no other flags, 5,000
+Hardware: a 2-core CPU (time and scores not yet measured). With no other flags, 1,500
 updates of 128 digits (a convolutional encoder and decoder, a 16-D latent, a discretized
 logistic over the 17 gray levels, KL warm-up over the first 1,000 updates). Evaluation
 decodes 1,000 latents from the prior (the decoder's mean, rounded to the levels) and

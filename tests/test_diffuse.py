@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from genjax import diffuse, run, sample, train
+from genjax import diffuse, run, sample
 from genjax import mesh as meshlib
 from genjax.metrics_log import read_metrics
+from tests.families import train_by_hand
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "diffusion_2d.py"
@@ -42,22 +43,11 @@ def test_tiny_preset_writes_samples_picture_and_scores(tiny_run):
     assert [r["step"] for r in logged] == [TINY.run.steps]  # the final evaluation, once
 
 
-def train_by_hand(cfg, mesh, steps, family=diffuse.FAMILY):
-    """(losses, state) of ``steps`` updates of the diffusion step on ``mesh``."""
-    _, shardings = run.abstract_state(cfg, family, mesh)
-    state = train.create_state(lambda k: diffuse.init(cfg, k), shardings, mesh, jax.random.key(0))
-    step = train.jit_train_step(diffuse.make_step(cfg), shardings, mesh)
-    batches = diffuse.data(cfg, None).batches
-    losses = []
-    for _ in range(steps):
-        state, metrics = step(state, meshlib.global_batch(next(batches), mesh))
-        losses.append(float(metrics["loss"]))
-    return np.array(losses), state
-
-
 def test_sharded_training_equals_one_device():
-    one, state_one = train_by_hand(TINY, meshlib.make_mesh("data=1", jax.devices()[:1]), 5)
-    many, state_many = train_by_hand(TINY, meshlib.make_mesh("data=4,fsdp=2"), 5)
+    one, state_one = train_by_hand(
+        diffuse.FAMILY, TINY, meshlib.make_mesh("data=1", jax.devices()[:1]), 5
+    )
+    many, state_many = train_by_hand(diffuse.FAMILY, TINY, meshlib.make_mesh("data=4,fsdp=2"), 5)
     np.testing.assert_allclose(many, one, rtol=2e-5)
     chex.assert_trees_all_close(
         jax.device_get(state_many.ema_params), jax.device_get(state_one.ema_params), atol=2e-5

@@ -13,7 +13,7 @@ import pytest
 from genjax import diffuse, run, sample
 from genjax import mesh as meshlib
 from genjax.metrics_log import read_metrics
-from tests.test_diffuse import train_by_hand
+from tests.families import train_by_hand
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = run.configure(diffuse.IMAGES, "tiny")
@@ -92,9 +92,9 @@ def test_sharded_training_equals_one_device(arch, mesh):
         diffuse.IMAGES, "tiny", [f"model.arch={arch}", f"model.condition={condition}"]
     )
     one, state_one = train_by_hand(
-        cfg, meshlib.make_mesh("data=1", jax.devices()[:1]), 3, diffuse.IMAGES
+        diffuse.IMAGES, cfg, meshlib.make_mesh("data=1", jax.devices()[:1]), 3
     )
-    many, state_many = train_by_hand(cfg, meshlib.make_mesh(mesh), 3, diffuse.IMAGES)
+    many, state_many = train_by_hand(diffuse.IMAGES, cfg, meshlib.make_mesh(mesh), 3)
     np.testing.assert_allclose(many, one, rtol=2e-5)
     for a, b in zip(jax.tree.leaves(state_many.ema_params), jax.tree.leaves(state_one.ema_params),
                     strict=True):  # fmt: skip

@@ -280,17 +280,48 @@ def test_make_step_is_two_discriminator_steps_then_a_generator_step():
     assert int(out.step) == 1
 
 
-def test_sharded_step_equals_one_device():
-    batch, init_fn = batch_for(MLP, 32), functools.partial(gan.init, MLP)
-    mesh = meshlib.make_mesh("data=2,fsdp=4")
-    axes = gan.param_axes(MLP)
+def assert_sharded_step_equals_one_device(cfg: gan.GANConfig, mesh_spec: str):
+    batch, init_fn = batch_for(cfg, 32), functools.partial(gan.init, cfg)
+    mesh = meshlib.make_mesh(mesh_spec)
+    axes = gan.param_axes(cfg)
     _, shardings = train.abstract_state(init_fn, mesh, gan.RULES, axes, jax.random.key(0))
-    single, _ = jitted_step(MLP)(init(MLP), batch)
+    single, _ = jitted_step(cfg)(init(cfg), batch)
     # From host copies: the sharded step donates its state, which must not be init's.
-    state = jax.device_put(jax.device_get(init(MLP)), shardings)
-    step = train.jit_train_step(gan.make_step(MLP), shardings, mesh)
+    state = jax.device_put(jax.device_get(init(cfg)), shardings)
+    step = train.jit_train_step(gan.make_step(cfg), shardings, mesh)
     sharded, _ = step(state, meshlib.global_batch(jax.device_get(batch), mesh))
     chex.assert_trees_all_close(jax.device_get(sharded), single, rtol=1e-4, atol=1e-5)
+
+
+def test_sharded_step_equals_one_device():
+    assert_sharded_step_equals_one_device(MLP, "data=2,fsdp=4")
+
+
+def test_batch_norm_generator_is_normalized_over_the_batch_and_shards():
+    cfg = dataclasses.replace(MLP, g_batch_norm=True, data_scale=4.0)
+    g = gan.generator(cfg, init(cfg).g_params)
+    h_BU = g.hidden[0](normal((64, cfg.latent)))
+    normed = g.norms[0](h_BU)
+    np.testing.assert_allclose(jnp.mean(normed, 0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(jnp.std(normed, 0), 1.0, rtol=1e-3)
+    # The batch statistics reduce over a batch split across devices.
+    assert_sharded_step_equals_one_device(cfg, "data=4,fsdp=2")
+
+
+def test_data_scale_scales_the_samples_and_the_discriminators_input():
+    scaled = dataclasses.replace(TINY, data_scale=4.0)
+    state = init(TINY)
+    z_BZ, x = normal((6, TINY.latent)), normal((6, 2), seed=1)
+    np.testing.assert_allclose(
+        jitted(gan.generate, scaled)(state.g_params, z_BZ),
+        4.0 * jitted(gan.generate, TINY)(state.g_params, z_BZ),
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        jitted(gan.discriminate, scaled)(state.d_params, 4.0 * x),
+        jitted(gan.discriminate, TINY)(state.d_params, x),
+        rtol=1e-5,
+    )
 
 
 def test_training_on_the_ring_moves_samples_onto_it():
@@ -326,6 +357,7 @@ def test_training_on_the_ring_moves_samples_onto_it():
         (dict(num_classes=-1), "0: unconditional"),
         (dict(num_classes=10, pack=2), "set pack=1 or num_classes=0"),
         (dict(maxout=1), "use >= 2"),
+        (dict(data_scale=0.0), "must be > 0"),
         (dict(latent=0), "must be >= 1"),
         (dict(g_lr=0.0), "must be > 0"),
         (dict(b1=1.0), r"in \[0, 1\)"),

@@ -9,9 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from genjax import gan, run, train
+from genjax import gan, run
 from genjax import mesh as meshlib
 from genjax.metrics_log import read_metrics
+from tests.families import train_by_hand
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -35,22 +36,15 @@ def test_digits_tiny_preset_writes_class_rows_and_scores(tmp_path):
     assert "frechet_distance" in report["real_vs_real"]
 
 
-def _train(cfg, mesh, steps):
-    _, shardings = run.abstract_state(cfg, gan.FAMILY, mesh)
-    state = train.create_state(lambda k: gan.init(cfg, k), shardings, mesh, jax.random.key(0))
-    step = train.jit_train_step(gan.make_step(cfg), shardings, mesh)
-    batches = gan.data(cfg, None).batches
-    losses = []
-    for _ in range(steps):
-        state, metrics = step(state, meshlib.global_batch(next(batches), mesh))
-        losses.append((float(metrics["d_loss"]), float(metrics["g_loss"])))
-    return np.array(losses), state
+LOSSES = ("d_loss", "g_loss")
 
 
 def test_sharded_training_equals_one_device():
     cfg = run.configure(gan.FAMILY, "tiny")
-    one, state_one = _train(cfg, meshlib.make_mesh("data=1", jax.devices()[:1]), 4)
-    many, state_many = _train(cfg, meshlib.make_mesh("data=4,fsdp=2"), 4)
+    one, state_one = train_by_hand(
+        gan.FAMILY, cfg, meshlib.make_mesh("data=1", jax.devices()[:1]), 4, LOSSES
+    )
+    many, state_many = train_by_hand(gan.FAMILY, cfg, meshlib.make_mesh("data=4,fsdp=2"), 4, LOSSES)
     np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(
         jax.device_get(state_many.g_ema), jax.device_get(state_one.g_ema), atol=2e-5

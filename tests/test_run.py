@@ -23,6 +23,7 @@ from genjax import run, train
 from genjax.checkpoint import Checkpointer
 from genjax.metrics_log import read_metrics
 from tests import toy_gan
+from tests.families import train_by_hand
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,26 +32,17 @@ def _config(*assignments: str) -> toy_gan.Config:
     return configlib.override(toy_gan.Config(), list(assignments))
 
 
-def _train_by_hand(cfg, mesh, steps: int):
-    """The family's pieces driven without run.train: (per-step losses, final state)."""
-    _, shardings = train.abstract_state(
-        lambda k: toy_gan.init(cfg, k), mesh, toy_gan.RULES,
-        toy_gan.FAMILY.param_axes(cfg), jax.random.key(0),
-    )  # fmt: skip
-    state = train.create_state(lambda k: toy_gan.init(cfg, k), shardings, mesh, jax.random.key(0))
-    step = train.jit_train_step(toy_gan.make_step(cfg), shardings, mesh)
-    batches = toy_gan.data(cfg, None).batches
-    losses = []
-    for _ in range(steps):
-        state, metrics = step(state, meshlib.global_batch(next(batches), mesh))
-        losses.append((float(metrics["d_loss"]), float(metrics["g_loss"])))
-    return np.array(losses), state
+LOSSES = ("d_loss", "g_loss")
 
 
 def test_family_trains_sharded_on_data_and_fsdp_as_on_one_device():
     cfg = _config()
-    one, state_one = _train_by_hand(cfg, meshlib.make_mesh("data=1", jax.devices()[:1]), 10)
-    many, state_many = _train_by_hand(cfg, meshlib.make_mesh("data=4,fsdp=2"), 10)
+    one, state_one = train_by_hand(
+        toy_gan.FAMILY, cfg, meshlib.make_mesh("data=1", jax.devices()[:1]), 10, LOSSES
+    )
+    many, state_many = train_by_hand(
+        toy_gan.FAMILY, cfg, meshlib.make_mesh("data=4,fsdp=2"), 10, LOSSES
+    )
     np.testing.assert_allclose(many, one, rtol=2e-5)
     chex.assert_trees_all_close(jax.device_get(state_many), jax.device_get(state_one), atol=2e-5)
     # Each parameter tree, its optimizer moments and the EMA copy are sharded as declared.

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from genjax import mesh as meshlib
-from genjax import run, train
+from genjax import run
 from genjax import vae as vae_family
 from genjax.data import images as imagelib
 from genjax.models import vae
+from tests.families import train_by_hand
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -45,25 +46,12 @@ def test_digits_tiny_preset_writes_samples_interpolations_and_scores(tmp_path):
     assert 0 < report["samples"]["test_bits_per_dim"] < 8
 
 
-def _train(cfg, mesh, steps):
-    family = vae_family.FAMILY
-    _, shardings = run.abstract_state(cfg, family, mesh)
-    state = train.create_state(
-        lambda k: vae_family.init(cfg, k), shardings, mesh, jax.random.key(0)
-    )
-    step = train.jit_train_step(vae_family.make_step(cfg), shardings, mesh)
-    batches = vae_family.data(cfg, None).batches
-    losses = []
-    for _ in range(steps):
-        state, metrics = step(state, meshlib.global_batch(next(batches), mesh))
-        losses.append(float(metrics["loss"]))
-    return np.array(losses), state
-
-
 def test_sharded_training_equals_one_device():
     cfg = run.configure(vae_family.FAMILY, "tiny")
-    one, state_one = _train(cfg, meshlib.make_mesh("data=1", jax.devices()[:1]), 4)
-    many, state_many = _train(cfg, meshlib.make_mesh("data=4,fsdp=2"), 4)
+    one, state_one = train_by_hand(
+        vae_family.FAMILY, cfg, meshlib.make_mesh("data=1", jax.devices()[:1]), 4
+    )
+    many, state_many = train_by_hand(vae_family.FAMILY, cfg, meshlib.make_mesh("data=4,fsdp=2"), 4)
     np.testing.assert_allclose(many, one, rtol=1e-5)
     chex.assert_trees_all_close(
         jax.device_get(state_many.params), jax.device_get(state_one.params), atol=2e-5

@@ -61,6 +61,7 @@ import sklearn
 from genjax import benchmarking, diffuse, generative, run
 from genjax import config as configlib
 from genjax.data import images as imagelib
+from genjax.metrics import density_baselines
 from genjax.metrics import images as image_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -151,44 +152,6 @@ def score_run(cfg, params, images, *, num: int, nll: bool) -> dict:
     if nll:
         scores["test_bits_per_dim"] = diffuse.test_bits_per_dim(cfg, params, images)
     return scores
-
-
-# ----------------------------------------------------------------------------- baselines
-
-
-def dequantized(x_int: np.ndarray, levels: int, seed: int) -> np.ndarray:
-    """[N, D] uniformly dequantized images in [−1, 1], genjax's map at a fixed key."""
-    x = imagelib.dequantize(x_int, levels, key=jax.random.key(seed))
-    return np.asarray(x, np.float64).reshape(len(x_int), -1)
-
-
-def baselines(images: imagelib.Images, gmm_ks: list[int]) -> list[tuple[str, float, str]]:
-    """(model, test bits/dim, how it was chosen) of the scikit-learn density models."""
-    from sklearn.mixture import GaussianMixture
-    from sklearn.model_selection import GridSearchCV, KFold
-    from sklearn.neighbors import KernelDensity
-
-    train = dequantized(images.train, images.levels, seed=1)
-    test = dequantized(images.test, images.levels, seed=2)
-    bits = lambda model: float(
-        np.mean(imagelib.bits_per_dim(-model.score_samples(test), images.dims, images.levels))
-    )
-    folds = KFold(5, shuffle=True, random_state=0)
-    gmm = lambda k: GaussianMixture(k, covariance_type="full", random_state=0)
-    rows = [("GaussianMixture, k = 10, full covariance", bits(gmm(10).fit(train)), "fixed")]
-    # Both searches score held-out folds by mean log-likelihood (the models' .score).
-    search = GridSearchCV(gmm(1), {"n_components": gmm_ks}, cv=folds).fit(train)
-    k = search.best_params_["n_components"]
-    rows.append((f"GaussianMixture, k = {k}, full covariance", bits(search.best_estimator_),
-                 f"5-fold CV on train over k in {gmm_ks}"))  # fmt: skip
-    grid = np.geomspace(0.02, 1.0, 20)
-    search = GridSearchCV(KernelDensity(kernel="gaussian"), {"bandwidth": grid}, cv=folds)
-    search.fit(train)
-    bandwidth = search.best_params_["bandwidth"]
-    rows.append((f"KernelDensity, Gaussian, bandwidth {bandwidth:.3f}",
-                 bits(search.best_estimator_),
-                 "5-fold CV on train over 20 bandwidths, 0.02–1 (geometric)"))  # fmt: skip
-    return rows
 
 
 # ----------------------------------------------------------------------------- steps vs quality
@@ -361,7 +324,7 @@ def main(argv=None) -> int:
         runs.append(scores)
     lines = quality_table(names, runs, floor)
     if not args.no_nll:
-        lines += likelihood_table(names, runs, baselines(images, args.gmm_ks))
+        lines += likelihood_table(names, runs, density_baselines.baselines(images, args.gmm_ks))
     if samplers:
         first = loaded[0]
         rows = steps_vs_quality(first.cfg, first.state.ema_params, images, samplers, num=num,

@@ -48,6 +48,7 @@ class GANConfig:
     latent: int = 2  # Z, of a standard normal (PacGAN's 2-D runs: 2)
     g_hidden: int = 400  # mlp: the generator's hidden units and layers (PacGAN: 4 × 400)
     g_layers: int = 4
+    g_batch_norm: bool = False  # mlp: batch-normalize the generator's hidden layers (PacGAN)
     d_hidden: int = 200  # mlp: the discriminator's maxout units and layers (PacGAN: 3 × 200)
     d_layers: int = 3
     maxout: int = 5  # mlp: linear pieces of each discriminator unit (PacGAN: 5)
@@ -59,6 +60,10 @@ class GANConfig:
     pack: int = 1  # M: examples per discriminator input (PacGAN); 1 is a plain GAN
     d_steps: int = 1  # discriminator updates per generator update
     ema_decay: float = 0.999  # per generator update; samples come from the EMA weights
+    # The data's scale: the generator's output is multiplied by it and the
+    # discriminator's input divided, so both networks work at unit scale (the 2-D
+    # family sets it to the mixture's spread over the ring's).
+    data_scale: float = 1.0
     num_classes: int = 0  # K > 0: class-conditional G and a projection discriminator
     # Adam for both players, constant learning rates (two time scales allowed: TTUR).
     # β1 below 0.9: DCGAN (Radford et al. 2016) found 0.9 oscillated and 0.5 stabilized;
@@ -86,6 +91,8 @@ class GANConfig:
             bad(f"r1_gamma={self.r1_gamma} must be >= 0 (0 turns R1 off)")
         if self.pack < 1:
             bad(f"pack={self.pack} must be >= 1 (1: no packing)")
+        if self.data_scale <= 0:
+            bad(f"data_scale={self.data_scale} must be > 0 (1: the data as it is)")
         if self.d_steps < 1:
             bad(f"d_steps={self.d_steps} must be >= 1")
         if not 0 <= self.ema_decay < 1:
@@ -291,7 +298,8 @@ def _modules(cfg: GANConfig, g_rngs: nnx.Rngs, d_rngs: nnx.Rngs):
     packed = (*cfg.shape[:-1], cfg.pack * cfg.shape[-1])  # what the discriminator reads
     K = cfg.num_classes
     if cfg.arch == "mlp":
-        g = MLPGenerator(cfg.latent, cfg.shape[0], cfg.g_hidden, cfg.g_layers, K, rngs=g_rngs)
+        g = MLPGenerator(cfg.latent, cfg.shape[0], cfg.g_hidden, cfg.g_layers, K,
+                         cfg.g_batch_norm, rngs=g_rngs)  # fmt: skip
         d = MLPDiscriminator(packed[0], cfg.d_hidden, cfg.d_layers, cfg.maxout, K, rngs=d_rngs)
         return g, d
     g = ConvGenerator(cfg.latent, cfg.shape, cfg.channels, cfg.groups, K, rngs=g_rngs)
@@ -342,14 +350,14 @@ def discriminator(cfg: GANConfig, d_params: dict) -> nnx.Module:
 
 
 def generate(cfg: GANConfig, g_params: dict, z_BZ: jax.Array, label_B=None) -> jax.Array:
-    """G(z) [B, ...] (for labels [B] when class-conditional)."""
-    return generator(cfg, g_params)(z_BZ, label_B)
+    """G(z) [B, ...] (for labels [B] when class-conditional), in the data's units."""
+    return cfg.data_scale * generator(cfg, g_params)(z_BZ, label_B)
 
 
 def discriminate(cfg: GANConfig, d_weights: dict, x: jax.Array, label_B=None) -> jax.Array:
     """D's logits [B/M] of examples [B, ...], packed M at a time, by the weights it uses:
     ``spectral_normalize(state.d_params, state.d_sn_state)[0]``."""
-    return discriminator(cfg, d_weights)(pack(x, cfg.pack), label_B)
+    return discriminator(cfg, d_weights)(pack(x / cfg.data_scale, cfg.pack), label_B)
 
 
 def sample(cfg: GANConfig, g_params: dict, num: int, *, key: jax.Array, label_B=None):

@@ -13,10 +13,9 @@ reads), H W C image height, width and channels (I: a layer's inputs, O: its outp
 
 The MLPs are PacGAN's 2-D networks (Lin et al. 2018, after VEEGAN): G 4 × 400 ReLU,
 D 3 × 200 LinearMaxout of 5 pieces (github.com/fjxmlzn/PacGAN, synthetic_data_experiments).
-Their G also batch-normalizes every hidden layer; here it does not: batch statistics
-would tie a sample to the rest of its batch and need running averages as extra state,
-and a 2-D mixture trains without them. The conv generator normalizes with GroupNorm,
-per example, for the same reason.
+Their G also batch-normalizes every hidden layer: here optional (``batch_norm``), by the
+batch's statistics always (``BatchNorm``). The conv generator normalizes with GroupNorm,
+per example.
 
 Labels (``num_classes`` > 0): the generator concatenates a learned embedding of the
 label (width Z) to z, the input conditioning of a cGAN (Mirza & Osindero 2014); the
@@ -45,14 +44,16 @@ from genjax.nn.unet import Conv, GroupNorm
 
 
 class Dense(nnx.Module):
-    """x [B, I] → x @ w [I, O] + b [O]; the weight's std is 1/√I."""
+    """x [B, I] → x @ w [I, O] + b [O] (no b where a normalization's shift follows);
+    the weight's std is 1/√I."""
 
-    def __init__(self, inputs: int, outputs: int, axes: tuple, *, rngs: nnx.Rngs):
+    def __init__(self, inputs: int, outputs: int, axes: tuple, bias: bool = True, *, rngs):
         self.w_IO = linear(rngs, inputs, (inputs, outputs), axes)
-        self.b_O = zeros((outputs,), (axes[1],))
+        self.b_O = zeros((outputs,), (axes[1],)) if bias else None
 
     def __call__(self, x_BI: jax.Array) -> jax.Array:
-        return einsum("BI,IO->BO", x_BI, self.w_IO[...]) + self.b_O[...]
+        y_BO = einsum("BI,IO->BO", x_BI, self.w_IO[...])
+        return y_BO if self.b_O is None else y_BO + self.b_O[...]
 
 
 def label_table(rngs: nnx.Rngs, num_classes: int, width: int, axis: str | None, std: float):
@@ -91,24 +92,50 @@ def project(phi_BF: jax.Array, out: Dense, table_KF, label_B, who: str) -> jax.A
 
 class MLPGenerator(nnx.Module):
     def __init__(
-        self, latent: int, dim: int, hidden: int, layers: int, num_classes: int, *, rngs: nnx.Rngs
-    ):
+        self, latent: int, dim: int, hidden: int, layers: int, num_classes: int,
+        batch_norm: bool = False, *, rngs: nnx.Rngs,
+    ):  # fmt: skip
         Z, D, U = latent, dim, hidden
         self.embed_KZ = label_table(rngs, num_classes, Z, None, 1.0)  # z's scale
         widths = [Z + (Z if num_classes else 0)] + [U] * layers
         self.hidden = nnx.List(
             [
-                Dense(i, U, ("hidden_in" if n else None, "hidden"), rngs=rngs)
+                Dense(i, U, ("hidden_in" if n else None, "hidden"), not batch_norm, rngs=rngs)
                 for n, i in enumerate(widths[:-1])
             ]
         )
+        # A bias before batch norm would be subtracted again: its gradient is rounding
+        # noise, which Adam scales up to full-size steps.
+        self.norms = nnx.List([BatchNorm(U) for _ in range(layers)]) if batch_norm else None
         self.out = Dense(U, D, ("hidden", None), rngs=rngs)
 
     def __call__(self, z_BZ: jax.Array, label_B: jax.Array | None = None) -> jax.Array:
         h_BU = with_label(z_BZ, self.embed_KZ, label_B, "mlp generator")
-        for layer in self.hidden:
-            h_BU = jax.nn.relu(layer(h_BU))
+        for n, layer in enumerate(self.hidden):
+            h_BU = layer(h_BU)
+            if self.norms is not None:
+                h_BU = self.norms[n](h_BU)
+            h_BU = jax.nn.relu(h_BU)
         return self.out(h_BU)
+
+
+class BatchNorm(nnx.Module):
+    """x [B, U] normalized by its batch's mean and variance, then scaled and shifted.
+
+    Always the batch's statistics, in training and in sampling alike: a generator's
+    batch is i.i.d. draws of z, so its statistics estimate the same expectation over
+    p(z) that running averages would, with no state beside the weights (a sampling
+    batch of thousands estimates it better than a training batch)."""
+
+    def __init__(self, units: int, eps: float = 1e-5):
+        self.eps = eps
+        self.scale_U = nnx.Param(jnp.ones((units,), jnp.float32), axes=("hidden",))
+        self.shift_U = zeros((units,), ("hidden",))
+
+    def __call__(self, x_BU: jax.Array) -> jax.Array:
+        mean_U = jnp.mean(x_BU, axis=0)
+        var_U = jnp.mean(jnp.square(x_BU - mean_U), axis=0)
+        return (x_BU - mean_U) * jax.lax.rsqrt(var_U + self.eps) * self.scale_U + self.shift_U
 
 
 class MLPDiscriminator(nnx.Module):

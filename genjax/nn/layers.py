@@ -21,7 +21,11 @@ from flax import nnx
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: tuple, std: float, dtype: str) -> nnx.Param:
     """A truncated-normal parameter carrying its logical sharding axes as metadata."""
-    value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, dtype)
+    # Drawn flat, then reshaped: the same values (the bits are generated flat either
+    # way), but XLA:CPU compiles a rank-4 draw (a conv kernel) in 1.2–2.2 s against 0.4 s
+    # flat, and modules built outside jit compile one draw per shape.
+    flat = jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (math.prod(shape),), dtype)
+    value = std * flat.reshape(shape)
     return nnx.Param(value, axes=axes)
 
 
