@@ -21,10 +21,10 @@ TINY = gan.PRESETS["tiny"]
 MLP = dataclasses.replace(
     TINY, spectral_norm=True, r1_gamma=1.0, pack=2, d_steps=2, g_lr=2e-3, d_lr=2e-3
 )
-# A class-conditional conv net small enough to compile in seconds.
+# A class-conditional conv net small enough to compile in seconds, with every image option.
 CONV = gan.GANConfig(
     arch="conv", shape=(8, 8, 1), latent=4, channels=(4, 8), groups=2, num_classes=3,
-    loss="hinge", spectral_norm=True, r1_gamma=1.0,
+    loss="hinge", spectral_norm=True, r1_gamma=1.0, augment=True,
 )  # fmt: skip
 
 
@@ -308,6 +308,21 @@ def test_batch_norm_generator_is_normalized_over_the_batch_and_shards():
     assert_sharded_step_equals_one_device(cfg, "data=4,fsdp=2")
 
 
+def test_translate_shifts_each_image_by_at_most_one_eighth_and_passes_gradients():
+    x = normal((16, 8, 8, 2))
+    y = jax.jit(gan.translate)(x, jax.random.key(0))
+    shifts = set()
+    for b in range(16):  # each output is its input shifted by one (dy, dx), −1 filled in
+        padded = np.pad(np.asarray(x[b]), ((1, 1), (1, 1), (0, 0)), constant_values=-1.0)
+        match = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                 if np.array_equal(y[b], padded[1 + dy : 9 + dy, 1 + dx : 9 + dx])]  # fmt: skip
+        assert len(match) == 1, b
+        shifts.add(match[0])
+    assert len(shifts) > 3  # the shifts vary over the batch
+    grad = jax.grad(lambda x: jnp.sum(gan.translate(x, jax.random.key(0))))(x)
+    assert set(np.unique(grad)) <= {0.0, 1.0} and float(jnp.sum(grad)) >= 16 * 6 * 6 * 2
+
+
 def test_data_scale_scales_the_samples_and_the_discriminators_input():
     scaled = dataclasses.replace(TINY, data_scale=4.0)
     state = init(TINY)
@@ -358,6 +373,7 @@ def test_training_on_the_ring_moves_samples_onto_it():
         (dict(num_classes=10, pack=2), "set pack=1 or num_classes=0"),
         (dict(maxout=1), "use >= 2"),
         (dict(data_scale=0.0), "must be > 0"),
+        (dict(augment=True), "use arch='conv'"),
         (dict(latent=0), "must be >= 1"),
         (dict(g_lr=0.0), "must be > 0"),
         (dict(b1=1.0), r"in \[0, 1\)"),
