@@ -172,3 +172,23 @@ def test_quality_2d_benchmark_runs_one_seed(tmp_path, family):
     name = f"{family} short"
     assert f"\n| {name} | ring | 1 | " in out.stdout, out.stdout
     assert f"\n| {name} | ring | 0 | " in out.stdout, out.stdout
+
+
+def test_digits_families_tables_finished_runs_and_refuses_unfinished(tmp_path):
+    from genjax import gan, run, vae
+
+    for name, family in (("vae", vae.IMAGES), ("gan", gan.IMAGES)):
+        assert run.main(family, ["--workdir", str(tmp_path / name), "--preset", "tiny"]) == 0
+    runs = [f"VAE tiny={tmp_path / 'vae'}", f"GAN tiny={tmp_path / 'gan'}"]
+    out = _run_script("digits_families.py", "--runs", *runs, "--no-baselines")
+    for row in (
+        "| VAE tiny | ",
+        "| GAN tiny | ",
+        "| real-vs-real floor | ",
+        "| genjax VAE tiny | ",
+    ):
+        assert row in out.stdout, out.stdout
+    cmd = [sys.executable, str(ROOT / BENCH / "digits_families.py"), "--runs",
+           f"new={tmp_path / 'missing'}"]  # fmt: skip
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "no eval.json" in refused.stderr
