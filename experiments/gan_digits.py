@@ -4,10 +4,13 @@ Command (resumes when re-run with the same --workdir):
 
     python experiments/gan_digits.py --workdir runs/gan-digits
 
-Hardware: a 2-core CPU (time and scores not yet measured). With no other flags, 5,000
-steps of 128 digits: a convolutional generator conditioned on the class (a label
-embedding joined to z) against a spectrally normalized convolutional discriminator with
-a class projection (Miyato & Koyama, 2018), hinge loss, Adam (β1 0.5). Evaluation draws
+Hardware: a 2-core CPU, about 11 minutes with the cores shared (2.3 updates/s). Expected
+(seed 0): Fréchet distance 22.3, 3.0× the real-vs-real floor's, 10/10 classes,
+conditional accuracy 0.984, recall 0.46 against the floor's 0.91
+(experiments/benchmarks/RESULTS.md). With no other flags, 1,500 steps of 128 digits: a
+convolutional generator conditioned on the class (a label embedding joined to z) against
+a spectrally normalized convolutional discriminator with a class projection (Miyato &
+Koyama, 2018), hinge loss, Adam (β1 0.5). Evaluation draws
 1,000 samples of the generator's EMA, 100 per class, and scores them in the features of
 a classifier trained on the train split, next to real train digits scored the same way.
 The workdir then holds ``samples.npy`` (1,000 × 8 × 8 on the digits' 0–16 scale),
