@@ -125,7 +125,10 @@ PRESETS: dict[str, VAEConfig] = {
         likelihood="logistic",
     ),
     # 2-D mixtures (genjax.data.toy2d).
-    "points": VAEConfig(),
+    # KL warm-up over 3,000 of the 10,000 updates: without it the decoder learns one
+    # Gaussian blob and ignores z (ring, seed 0: 5/8 modes, 0.3% high quality, reverse
+    # KL 0.52; with it 8/8, 29.9%, 0.020).
+    "points": VAEConfig(kl_warmup_steps=3000),
     # scikit-learn's digits, 8×8×1 at 17 levels. The logistic beat the categorical at
     # equal budget: test IWAE_200 1.870 against 1.972 bits/dim (channels=16, latent=8,
     # 1,500 steps of 128, Adam 2e-3, warm-up 200, one seed; 2-core CPU, 80 s each), likely
