@@ -56,6 +56,8 @@ def read_run(workdir: pathlib.Path) -> dict:
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["images_per_s"] for r in records if "images_per_s" in r]
     times = [r["time"] for r in records if "steps_per_s" in r]  # training records
+    if "real_vs_real" not in report:
+        raise ValueError(f"{report_path}: no real-vs-real floor; the scores need labelled images")
     samples = report["samples"]
     floor = report["real_vs_real"]
     return {
