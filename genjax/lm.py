@@ -153,7 +153,7 @@ def _sync(name: str) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _nll_sums_fn(cfg: transformer.Config):
+def nll_sums_fn(cfg: transformer.Config):
     # One function object per config, so evaluate's compile cache hits on every pass.
     return functools.partial(transformer.nll_sums, cfg)
 
@@ -187,7 +187,7 @@ def scoring_set(
 def bits_per_byte(cfg: transformer.Config, params, scoring: ScoringSet) -> dict[str, float]:
     """Total negative log2-likelihood of the tokens ÷ UTF-8 bytes, evaluated
     across all local devices."""
-    sums = evallib.evaluate(_nll_sums_fn(cfg), params, scoring.batches)
+    sums = evallib.evaluate(nll_sums_fn(cfg), params, scoring.batches)
     bits = sums["nll"] / math.log(2)
     return {
         "bits_per_byte": bits / max(scoring.n_bytes, 1),

@@ -116,8 +116,11 @@ class Family:
     complete: Callable[[Any, frozenset[str]], Any] = _as_is
     compare: tuple[str, ...] = ("model", "data")  # sections a checkpoint must match
     updates_per_step: Callable[[Any], int] = lambda cfg: 1  # > 1: a scanned chunk
-    # (cfg, params, key) -> state around given parameters, for `start`.
+    # (cfg, params, key) -> state around given parameters, for `start` and `base_params`.
     init_from_params: Callable[[Any, Any, jax.Array], State] | None = None
+    # cfg -> the parameters a fresh run starts from (fine-tuning: another run's
+    # weights); None: a fresh run starts from ``init``.
+    base_params: Callable[[Any], Any] | None = None
     add_flags: Callable[[argparse.ArgumentParser], None] | None = None
     flag_overrides: Callable[[argparse.Namespace], list[str]] = lambda args: []
 
@@ -368,7 +371,9 @@ def train(cfg: Any, workdir: str | pathlib.Path, family: Family) -> FitResult:
     prep_s = time.perf_counter() - t0
     with checkpointer(cfg, workdir, family) as ckpt:  # an in-flight save completes on error
         restored = ckpt.restore(abstract, data.batches)
-        if restored is None:
+        if restored is None and family.base_params is not None:
+            state = _state_from_params(cfg, family, family.base_params(cfg), shardings, mesh)
+        elif restored is None:
             key = jax.random.key(cfg.run.seed)
             state = trainlib.create_state(lambda k: family.init(cfg, k), shardings, mesh, key)
         else:
@@ -432,11 +437,16 @@ def start(cfg: Any, workdir: str | pathlib.Path, family: Family, params: Any) ->
     if not hasattr(abstract, "params"):
         raise ValueError(f"run.start puts given parameters in a state's `params`; the "
                          f"{family.name} family's state has none")  # fmt: skip
-    params = jax.device_put(params, shardings.params)  # each device gets its shards only
-    init = lambda p, key: family.init_from_params(cfg, p, key)
-    state = trainlib.create_state(init, shardings, mesh, params, jax.random.key(cfg.run.seed))
+    state = _state_from_params(cfg, family, params, shardings, mesh)
     with checkpointer(cfg, workdir, family) as ckpt:
         ckpt.save(0, state, force=True)
+
+
+def _state_from_params(cfg: Any, family: Family, params: Any, shardings: Any, mesh: Mesh):
+    """Step 0 around given parameters: ``family.init_from_params``, sharded."""
+    params = jax.device_put(params, shardings.params)  # each device gets its shards only
+    init = lambda p, key: family.init_from_params(cfg, p, key)
+    return trainlib.create_state(init, shardings, mesh, params, jax.random.key(cfg.run.seed))
 
 
 @dataclasses.dataclass

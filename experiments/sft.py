@@ -1,0 +1,85 @@
+"""Supervised fine-tuning of a trained language model on prompt–response pairs.
+
+Command (resumes when re-run with the same --workdir):
+
+    python experiments/sft.py --workdir runs/sft --base runs/lm
+    python experiments/sft.py --workdir runs/sft --base runs/lm --data pairs.jsonl
+
+``--base`` is an LM run (``experiments/lm_pretrain.py``'s workdir, or one imported from
+Hugging Face): its newest weights, model config and tokenizer. ``--data`` is JSON lines
+``{"prompt": ..., "response": ...}``; without it the script writes
+``WORKDIR/pairs.jsonl`` from the Python standard library: for every documented function
+(at most 12 lines of signature and docstring, 1–16 lines of body), the prompt is its
+``def`` line and docstring, the response its body. The loss counts the response tokens
+and the closing end-of-document only; 10% of the pairs (by a hash of the prompt) are
+held out: the run reports their loss per response token and prints greedy answers to two
+of them. Hardware: a 2-core CPU, cpu-small base, 200 updates of 16 rows of 128 tokens:
+a few minutes.
+
+Local smoke run: ``--preset tiny``. Any field by ``--set section.field=value``
+(sections: optim, data, run; the model is the base's).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import pathlib
+import sys
+import textwrap
+
+from genjax import lm, run, sft
+
+
+def function_pairs(files, max_prompt_lines: int = 12, max_body_lines: int = 16) -> list[dict]:
+    """{"prompt": def line + docstring, "response": body} of the documented functions
+    in ``files``, each dedented to column 0, lines ending in newlines."""
+    pairs = []
+    for path in files:
+        try:
+            source = pathlib.Path(path).read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = source.splitlines()
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            if ast.get_docstring(node) is None or len(node.body) < 2:
+                continue
+            split = node.body[0].end_lineno  # the docstring's last line
+            prompt_lines = lines[node.lineno - 1 : split]
+            body_lines = lines[split : node.end_lineno]
+            if len(prompt_lines) > max_prompt_lines or not 1 <= len(body_lines) <= max_body_lines:
+                continue
+            text = textwrap.dedent("\n".join(prompt_lines + body_lines))
+            cut = text.splitlines()
+            pairs.append({
+                "prompt": "\n".join(cut[: len(prompt_lines)]) + "\n",
+                "response": "\n".join(cut[len(prompt_lines) :]) + "\n",
+            })  # fmt: skip
+    return pairs
+
+
+def write_default_pairs(workdir: pathlib.Path) -> pathlib.Path:
+    """WORKDIR/pairs.jsonl from the standard library's training modules (written once)."""
+    path = workdir / "pairs.jsonl"
+    if not path.exists():
+        train_files, _ = lm.corpus_split(lm.DataConfig())
+        pairs = function_pairs(train_files)
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+        print(f"wrote {len(pairs):,} prompt–response pairs from the standard library to {path}")
+    return path
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--data" not in argv and "--workdir" in argv:
+        workdir = pathlib.Path(argv[argv.index("--workdir") + 1])
+        argv += ["--data", str(write_default_pairs(workdir))]
+    return run.main(sft.FAMILY, argv, description=__doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
