@@ -6,7 +6,7 @@ Command:
 
 Hardware: a 2-core CPU; CartPole-v1 at purejaxrl's settings (4 environments × 128
 steps, 500,000 environment steps, 4 epochs × 4 minibatches) trains 8 seeds under
-``vmap`` in about a minute (experiments/benchmarks/RESULTS.md). Writes
+``vmap`` in under a minute (48 s here; experiments/benchmarks/RESULTS.md). Writes
 ``DIR/returns.png`` (episodic return against environment steps, one line per seed)
 and ``DIR/returns.json``, and prints the final mean episodic return (of the episodes
 that ended in the last 10 updates, mean over seeds) and environment steps/s.

@@ -192,3 +192,17 @@ def test_digits_families_tables_finished_runs_and_refuses_unfinished(tmp_path):
            f"new={tmp_path / 'missing'}"]  # fmt: skip
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "no eval.json" in refused.stderr
+
+
+@pytest.mark.slow
+def test_ppo_speed_benchmark_runs_the_genjax_side(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = _run_script(
+        "ppo_speed.py", "--sides", "genjax", "--timesteps", "2048", "--seeds", "2", "--reps",
+        "1", "--results", str(results),
+    )  # fmt: skip
+    assert "\n| genjax | 1 | " in out.stdout and "\n| genjax | 2 | " in out.stdout, out.stdout
+    assert "## PPO on CartPole: genjax vs rejax vs stable-baselines3" in results.read_text()
+    bad = [sys.executable, str(ROOT / BENCH / "ppo_speed.py"), "--sides", "nope"]
+    proc = subprocess.run(bad, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--sides: choose from genjax,rejax,sb3" in proc.stderr

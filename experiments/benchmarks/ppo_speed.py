@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import pathlib
 import platform
 import statistics
 import sys
@@ -198,7 +199,7 @@ def main(argv=None) -> None:
     p.add_argument("--sb3-seeds", type=int, default=1, help="SB3 runs, one after another")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads (SB3)")
-    p.add_argument("--results", help="append the section to this RESULTS.md")
+    p.add_argument("--results", type=pathlib.Path, help="append the section to this RESULTS.md")
     args = p.parse_args(argv)
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     if not sides or set(sides) - set(SIDES):
