@@ -127,12 +127,8 @@ def rejax_side(spec: dict) -> dict:
         )
         # returns: [(seeds,) evaluations, 128 episodes]; the last evaluation is the end.
         final = np.asarray(returns).reshape(seeds, -1, np.asarray(returns).shape[-1])[:, -1]
-        steps = (
-            seeds
-            * h["total_timesteps"]
-            // (h["num_envs"] * h["num_steps"])
-            * (h["num_envs"] * h["num_steps"])
-        )
+        per_update = h["num_envs"] * h["num_steps"]  # whole updates, as genjax counts them
+        steps = seeds * (h["total_timesteps"] // per_update) * per_update
         rows[seeds] = {"steps_per_s": steps / run_s, "compile_s": max(first_s - run_s, 0.0),
                        "run_s": run_s, "final_return": final.mean(-1).tolist()}  # fmt: skip
     versions = {name: importlib.metadata.version(name) for name in ("rejax", "gymnax")}

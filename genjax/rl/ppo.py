@@ -172,7 +172,11 @@ def value(params: dict, obs_BO: jax.Array) -> jax.Array:
 
 def log_prob_and_entropy(params: dict, obs_BO, action_B, discrete: bool):
     """(log π(a|s) [B], H(π(·|s)) [B])."""
-    out_BA = _mlp(params["actor"], obs_BO)
+    return _log_prob_and_entropy(params, _mlp(params["actor"], obs_BO), action_B, discrete)
+
+
+def _log_prob_and_entropy(params: dict, out_BA, action_B, discrete: bool):
+    """The same from the actor's output (logits, or the Gaussian's mean)."""
     if discrete:
         logp_BA = jax.nn.log_softmax(out_BA)
         logp_B = jnp.take_along_axis(logp_BA, action_B[:, None], axis=-1)[:, 0]
@@ -192,7 +196,7 @@ def sample_action(params: dict, obs_BO, key, discrete: bool):
     else:
         noise_BA = jax.random.normal(key, out_BA.shape)
         action_B = out_BA + jnp.exp(params["log_std"]) * noise_BA
-    return action_B, log_prob_and_entropy(params, obs_BO, action_B, discrete)[0]
+    return action_B, _log_prob_and_entropy(params, out_BA, action_B, discrete)[0]
 
 
 # ----------------------------------------------------------------------------- the loss
