@@ -22,43 +22,12 @@ Local smoke run: ``--preset tiny``. Any field by ``--set section.field=value``
 
 from __future__ import annotations
 
-import ast
 import json
 import pathlib
 import sys
-import textwrap
 
 from genjax import lm, run, sft
-
-
-def function_pairs(files, max_prompt_lines: int = 12, max_body_lines: int = 16) -> list[dict]:
-    """{"prompt": def line + docstring, "response": body} of the documented functions
-    in ``files``, each dedented to column 0, lines ending in newlines."""
-    pairs = []
-    for path in files:
-        try:
-            source = pathlib.Path(path).read_text(encoding="utf-8")
-            tree = ast.parse(source)
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        lines = source.splitlines()
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                continue
-            if ast.get_docstring(node) is None or len(node.body) < 2:
-                continue
-            split = node.body[0].end_lineno  # the docstring's last line
-            prompt_lines = lines[node.lineno - 1 : split]
-            body_lines = lines[split : node.end_lineno]
-            if len(prompt_lines) > max_prompt_lines or not 1 <= len(body_lines) <= max_body_lines:
-                continue
-            text = textwrap.dedent("\n".join(prompt_lines + body_lines))
-            cut = text.splitlines()
-            pairs.append({
-                "prompt": "\n".join(cut[: len(prompt_lines)]) + "\n",
-                "response": "\n".join(cut[len(prompt_lines) :]) + "\n",
-            })  # fmt: skip
-    return pairs
+from genjax.rl import python_task
 
 
 def write_default_pairs(workdir: pathlib.Path) -> pathlib.Path:
@@ -66,7 +35,7 @@ def write_default_pairs(workdir: pathlib.Path) -> pathlib.Path:
     path = workdir / "pairs.jsonl"
     if not path.exists():
         train_files, _ = lm.corpus_split(lm.DataConfig())
-        pairs = function_pairs(train_files)
+        pairs = python_task.function_pairs(train_files)
         workdir.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
         print(f"wrote {len(pairs):,} prompt–response pairs from the standard library to {path}")

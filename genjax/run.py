@@ -121,6 +121,9 @@ class Family:
     # cfg -> the parameters a fresh run starts from (fine-tuning: another run's
     # weights); None: a fresh run starts from ``init``.
     base_params: Callable[[Any], Any] | None = None
+    # cfg -> {state field: tree}: frozen parts of a fresh run's state read from other
+    # runs (a reference policy, a reward model), placed with their fields' shardings.
+    frozen: Callable[[Any], Mapping[str, Any]] | None = None
     add_flags: Callable[[argparse.ArgumentParser], None] | None = None
     flag_overrides: Callable[[argparse.Namespace], list[str]] = lambda args: []
 
@@ -379,6 +382,10 @@ def train(cfg: Any, workdir: str | pathlib.Path, family: Family) -> FitResult:
         else:
             state, step = restored
             print(f"resumed from step {step} in {ckpt.directory}", flush=True)
+        if restored is None and family.frozen is not None:
+            placed = {name: jax.device_put(tree, getattr(shardings, name))
+                      for name, tree in family.frozen(cfg).items()}  # fmt: skip
+            state = state._replace(**placed)
         step_fn = trainlib.jit_train_step(family.step(cfg), shardings, mesh)
         start_step = int(jax.device_get(state.step))
         with MetricsLogger(workdir, total_steps=cfg.run.steps, start_step=start_step) as logger:
@@ -456,18 +463,22 @@ class Loaded:
     step: int
 
 
-def saved_config(workdir: str | pathlib.Path, family: Family) -> Any:
-    """The config of the newest readable checkpoint of ``workdir``."""
+def saved_dict(workdir: str | pathlib.Path, family_name: str = "") -> dict:
+    """The config of the newest readable checkpoint of ``workdir``, as saved (a dict)."""
     ckpt_dir = pathlib.Path(workdir) / "checkpoints"
     saved = None
     if ckpt_dir.is_dir():
         with Checkpointer(ckpt_dir, config={}, compare_keys=(), read_only=True) as probe:
             saved = probe.saved_config()
     if saved is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {ckpt_dir}; train one there first (family {family.name!r})"
-        )
-    return configlib.from_dict(family.config_type, saved)
+        which = f" (family {family_name!r})" if family_name else ""
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train one there first{which}")
+    return saved
+
+
+def saved_config(workdir: str | pathlib.Path, family: Family) -> Any:
+    """The config of the newest readable checkpoint of ``workdir``."""
+    return configlib.from_dict(family.config_type, saved_dict(workdir, family.name))
 
 
 def load(workdir: str | pathlib.Path, family: Family, *, mesh: str = "data=-1") -> Loaded:

@@ -20,11 +20,8 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import shutil
-import zlib
-from collections.abc import Sequence
 
 import jax
-import numpy as np
 
 from genjax import evaluate as evallib
 from genjax import lm, run, train
@@ -81,7 +78,7 @@ def complete(cfg: Config, explicit: frozenset[str]) -> Config:
     set_model = sorted(name for name in explicit if name.startswith("model."))
     if set_model:
         raise ValueError(f"sft: the model is the base run's; do not set {', '.join(set_model)}")
-    model = run.saved_config(cfg.base, lm.FAMILY).model
+    model = base_model(cfg.base)
     if cfg.data.seq_len > model.max_seq_len:
         raise ValueError(
             f"data.seq_len={cfg.data.seq_len} exceeds the base model's context "
@@ -90,56 +87,40 @@ def complete(cfg: Config, explicit: frozenset[str]) -> Config:
     return run.schedule_follows_run(dataclasses.replace(cfg, model=model), explicit)
 
 
-# ----------------------------------------------------------------------------- rows
-
-
-def pair_row(prompt_ids: Sequence[int], response_ids: Sequence[int], seq_len: int, eod: int,
-             pad: int) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
-    """(tokens [seq_len + 1], mask [seq_len]) of one pair, or None when the prompt leaves
-    no response target in the row. mask[j] = 1 where target j (token j + 1) is a response
-    token or the closing <eod>."""
-    ids = [eod, *prompt_ids, *response_ids, eod][: seq_len + 1]
-    first_target = len(prompt_ids)  # target j predicts token j + 1; response starts at 1 + P
-    if len(ids) - 1 <= first_target:
-        return None
-    tokens = np.full(seq_len + 1, pad, np.int32)
-    tokens[: len(ids)] = ids
-    mask = np.zeros(seq_len, np.float32)
-    mask[first_target : len(ids) - 1] = 1.0
-    return tokens, mask
-
-
-def pair_rows(tok: Tokenizer, pairs: Sequence[dict], seq_len: int):
-    """(tokens [N, seq_len + 1], mask [N, seq_len], dropped) of the pairs."""
-    prompts = tok.encode_batch([p["prompt"] for p in pairs])
-    responses = tok.encode_batch([p["response"] for p in pairs])
-    rows = [
-        pair_row(p, r, seq_len, tok.eos_id, tok.pad_id)
-        for p, r in zip(prompts, responses, strict=True)
-    ]
-    kept = [r for r in rows if r is not None]
-    if not kept:
-        return np.zeros((0, seq_len + 1), np.int32), np.zeros((0, seq_len), np.float32), len(rows)
-    tokens, masks = zip(*kept, strict=True)
-    return np.stack(tokens), np.stack(masks), len(rows) - len(kept)
-
-
-def split(pairs: Sequence[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
-    """(train, validation): a pair is held out by a hash of its prompt, so the split
-    does not move when pairs are added and one prompt never lands on both sides."""
-
-    def held_out(p):
-        return zlib.crc32(p["prompt"].encode("utf-8")) % 10_000 < val_fraction * 10_000
-
-    return [p for p in pairs if not held_out(p)], [p for p in pairs if held_out(p)]
-
-
 # ----------------------------------------------------------------------------- the family
 
 
+def base_family(workdir: str | pathlib.Path) -> run.Family:
+    """The family of an LM run: pre-trained (``lm``) or fine-tuned (``sft``)."""
+    return FAMILY if "base" in run.saved_dict(workdir) else lm.FAMILY
+
+
+def base_model(workdir: str | pathlib.Path) -> transformer.Config:
+    """The model config of an LM run, pre-trained or fine-tuned."""
+    return run.saved_config(workdir, base_family(workdir)).model
+
+
+def base_tokenizer(workdir: str | pathlib.Path, model: transformer.Config) -> Tokenizer:
+    """An LM run's tokenizer, checked against its model."""
+    path = pathlib.Path(workdir) / "tokenizer.model"
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; {workdir} is not a language-model run")
+    tok = Tokenizer.load(path)
+    if tok.vocab_size != model.vocab_size:
+        raise ValueError(
+            f"{path} has {tok.vocab_size} pieces, the model {model.vocab_size}: not the "
+            f"tokenizer this model was trained with"
+        )
+    return tok
+
+
+def load_base(workdir: str | pathlib.Path):
+    """The newest weights of an LM run, pre-trained or fine-tuned."""
+    return run.load(workdir, base_family(workdir)).state.params
+
+
 def base_params(cfg: Config):
-    """The base run's newest weights."""
-    return run.load(cfg.base, lm.FAMILY).state.params
+    return load_base(cfg.base)
 
 
 def response_loss(cfg: Config, params, batches) -> float:
@@ -149,17 +130,11 @@ def response_loss(cfg: Config, params, batches) -> float:
 
 
 def data(cfg: Config, workdir: pathlib.Path) -> run.Data:
-    base = pathlib.Path(cfg.base)
-    tok = Tokenizer.load(base / "tokenizer.model")
-    if tok.vocab_size != cfg.model.vocab_size:
-        raise ValueError(
-            f"{base}/tokenizer.model has {tok.vocab_size} pieces, the base model "
-            f"{cfg.model.vocab_size}: not the tokenizer this model was trained with"
-        )
+    tok = base_tokenizer(cfg.base, cfg.model)
     workdir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(base / "tokenizer.model", workdir / "tokenizer.model")  # for sampling
-    train_pairs, val_pairs = split(rldata.read_sft(cfg.data.path), cfg.data.val_fraction)
-    tokens, mask, dropped = pair_rows(tok, train_pairs, cfg.data.seq_len)
+    shutil.copyfile(tok.model_path, workdir / "tokenizer.model")  # for sampling
+    train_pairs, val_pairs = rldata.split(rldata.read_sft(cfg.data.path), cfg.data.val_fraction)
+    tokens, mask, dropped = rldata.pair_rows(tok, train_pairs, cfg.data.seq_len)
     if len(tokens) < cfg.data.global_batch_size:
         raise ValueError(
             f"{cfg.data.path}: {len(tokens)} training pairs fit a row of {cfg.data.seq_len} "
@@ -168,7 +143,7 @@ def data(cfg: Config, workdir: pathlib.Path) -> run.Data:
         )
     batches = row_batches({"tokens": tokens, "mask": mask}, cfg.data.global_batch_size,
                           seed=cfg.data.seed)  # fmt: skip
-    val_tokens, val_mask, _ = pair_rows(tok, val_pairs, cfg.data.seq_len)
+    val_tokens, val_mask, _ = rldata.pair_rows(tok, val_pairs, cfg.data.seq_len)
     val_batches = tuple(
         {"tokens": val_tokens[i : i + 16], "mask": val_mask[i : i + 16]}
         for i in range(0, len(val_tokens), 16)
@@ -210,7 +185,7 @@ def _add_flags(p) -> None:
     p.add_argument("--data", help="prompt–response pairs, JSON lines")
 
 
-def _flag_overrides(args) -> list[str]:
+def base_and_data_flags(args) -> list[str]:
     flags = []
     if args.base:
         flags.append(f"base={args.base}")
@@ -233,5 +208,5 @@ FAMILY = run.Family(
     check=lm.check,
     complete=complete,
     add_flags=_add_flags,
-    flag_overrides=_flag_overrides,
+    flag_overrides=base_and_data_flags,
 )

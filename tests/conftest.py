@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def load_script():
     """Imports a script of the repository (a path from its root) as a module."""
 

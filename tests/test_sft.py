@@ -12,27 +12,29 @@ import pytest
 
 from genjax import lm, run, sft
 from genjax.models import transformer
+from genjax.rl import data as rldata
+from genjax.rl import python_task
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_pair_row_masks_the_prompt_and_the_padding():
-    tokens, mask = sft.pair_row([5, 6], [7, 8, 9], seq_len=8, eod=2, pad=0)
+    tokens, mask = rldata.pair_row([5, 6], [7, 8, 9], seq_len=8, eod=2, pad=0)
     np.testing.assert_array_equal(tokens, [2, 5, 6, 7, 8, 9, 2, 0, 0])
     # target j is token j + 1: prompt targets 5, 6 masked; 7, 8, 9 and the closing <eod>
     # count; padding does not.
     np.testing.assert_array_equal(mask, [0, 0, 1, 1, 1, 1, 0, 0])
-    cut_tokens, cut_mask = sft.pair_row([5, 6], [7, 8, 9], seq_len=4, eod=2, pad=0)
+    cut_tokens, cut_mask = rldata.pair_row([5, 6], [7, 8, 9], seq_len=4, eod=2, pad=0)
     np.testing.assert_array_equal(cut_tokens, [2, 5, 6, 7, 8])
     np.testing.assert_array_equal(cut_mask, [0, 0, 1, 1])
-    assert sft.pair_row([5, 6, 7, 8], [9], seq_len=4, eod=2, pad=0) is None
+    assert rldata.pair_row([5, 6, 7, 8], [9], seq_len=4, eod=2, pad=0) is None
 
 
 def test_the_loss_reads_only_response_targets():
     # The gradient of the LM loss of an SFT row: prompt targets and padding have none.
     cfg = transformer.get_preset("tiny")
     params = transformer.init(cfg, jax.random.key(0))
-    tokens, mask = sft.pair_row([5, 6, 7], [8, 9], seq_len=10, eod=2, pad=0)
+    tokens, mask = rldata.pair_row([5, 6, 7], [8, 9], seq_len=10, eod=2, pad=0)
     batch = {"tokens": jnp.asarray(tokens)[None], "mask": jnp.asarray(mask)[None]}
 
     def loss_of_nll(nll_BT):
@@ -50,9 +52,9 @@ def test_the_loss_reads_only_response_targets():
 
 def test_split_holds_out_by_prompt():
     pairs = [{"prompt": f"p{i}", "response": "r"} for i in range(200)]
-    train, val = sft.split(pairs, 0.1)
+    train, val = rldata.split(pairs, 0.1)
     assert len(train) + len(val) == 200 and 5 <= len(val) <= 40
-    assert sft.split(pairs, 0.1) == (train, val)  # stable
+    assert rldata.split(pairs, 0.1) == (train, val)  # stable
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def test_sft_starts_from_the_base_and_lowers_the_response_loss(base_run, tmp_pat
     stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
     packages = ("json", "html", "email", "logging")
     files = [f for name in packages for f in (stdlib / name).rglob("*.py")]
-    pairs = script.function_pairs(sorted(files), max_prompt_lines=2, max_body_lines=3)
+    pairs = python_task.function_pairs(sorted(files), max_prompt_lines=2, max_body_lines=3)
     assert len(pairs) > 20 and all(p["response"].strip() for p in pairs)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))

@@ -380,6 +380,22 @@ def forward(cfg: Config, params: Params, tokens_BT: jax.Array, positions_BT=None
     return model(cfg, params)(tokens_BT, positions_BT)
 
 
+def forward_with_features(cfg: Config, params: Params, tokens_BT: jax.Array):
+    """(float32 logits [B, T, V], features [B, T, D]): the features are the final norm's
+    output, what the output projection reads, for scalar heads (reward, value)."""
+    m = model(cfg, params)
+    positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    x_BTD = m.run_blocks(m.embed(tokens_BT), positions_BT)
+    return m.logits(x_BTD), m.final_norm(x_BTD).astype(jnp.float32)
+
+
+def features(cfg: Config, params: Params, tokens_BT: jax.Array) -> jax.Array:
+    """Float32 features [B, T, D] (``forward_with_features``) without the output projection."""
+    m = model(cfg, params)
+    positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    return m.final_norm(m.run_blocks(m.embed(tokens_BT), positions_BT)).astype(jnp.float32)
+
+
 def token_nll(cfg: Config, params: Params, tokens_BT1: jax.Array) -> jax.Array:
     """Per-token negative log-likelihood in nats, [B, T], for rows of T+1 tokens."""
     logits_BTV = forward(cfg, params, tokens_BT1[:, :-1])

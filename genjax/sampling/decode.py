@@ -129,6 +129,21 @@ def _generate(
     return out_BN, step, all_logits
 
 
+def sample_in_jit(cfg: transformer.Config, params, prompt_BP: jax.Array, start_B: jax.Array,
+                  seeds_B: jax.Array, *, temperature: float, max_new_tokens: int,
+                  eos_id: int) -> jax.Array:  # fmt: skip
+    """New tokens [B, max_new_tokens] of left-padded prompts (row b starts at
+    ``start_B[b]``), -1 after a row's ``eos_id``, which is kept: the decoding loop traced
+    into a caller's jit (an RL step's rollouts). ``params`` in the model's own layout."""
+    out_BN, _, _ = _generate(
+        cfg, kv_cache.split_layers(params), prompt_BP, start_B, seeds_B,
+        jnp.float32(temperature), jnp.int32(0), jnp.float32(1.0), jnp.int32(eos_id),
+        jnp.asarray(_stop_array(())), jnp.bool_(False),
+        max_new_tokens=max_new_tokens, return_logits=False, cache_block=None,
+    )  # fmt: skip
+    return out_BN
+
+
 # ----------------------------------------------------------------------------- host side
 
 

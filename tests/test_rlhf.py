@@ -1,0 +1,165 @@
+"""RL fine-tuning of language models: rollout rows and rewards, the whole random-walks
+pipeline (pre-train → SFT → reward model → PPO, DPO, GRPO) at smoke size, PPO raising a
+reward, sharded PPO equal to one device, kill-and-resume, and bad input."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from genjax import mesh as meshlib
+from genjax import rlhf, run
+from genjax.rl import walks
+from genjax.tokenizer import Tokenizer
+from tests.families import train_by_hand
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_assemble_shifts_rows_to_the_start_and_masks_the_response():
+    # Two prompts left-padded to 4 (pad 0, eod 2); responses of 2 tokens + eod, and 3
+    # tokens cut off (no eod); -1 after a row stopped.
+    prompt = jnp.array([[0, 0, 2, 7], [0, 2, 8, 9]])
+    start = jnp.array([2, 1])
+    new = jnp.array([[5, 6, 2, -1], [4, 4, 4, 4]])
+    tokens, mask, ended = rlhf.assemble(prompt, start, new, eod=2, pad=0)
+    np.testing.assert_array_equal(tokens[0], [2, 7, 5, 6, 2, 0, 0, 0])
+    np.testing.assert_array_equal(tokens[1], [2, 8, 9, 4, 4, 4, 4, 0])
+    # Target t predicts token t + 1: row 0's response is tokens 2..4 (targets 1..3).
+    np.testing.assert_array_equal(mask[0], [0, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(mask[1], [0, 0, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(ended, [True, False])
+
+
+def test_score_lands_on_the_last_response_token_and_gae_sums_it_back():
+    mask = jnp.array([[0.0, 1, 1, 1, 0]])
+    kl = jnp.array([[9.0, 0.1, 0.2, 0.3, 9.0]])
+    reward = rlhf.token_rewards(jnp.array([2.0]), kl, mask, kl_coef=0.5)
+    np.testing.assert_allclose(reward[0], [0, -0.05, -0.1, 2 - 0.15, 0], rtol=1e-6)
+    cfg = rlhf.RLConfig(gamma=1.0, lam=1.0)
+    adv, ret = rlhf.advantages(cfg, reward, jnp.zeros_like(reward), mask)
+    # γ = λ = 1, V = 0: each token's advantage is the reward still to come.
+    np.testing.assert_allclose(adv[0, 1:4], [1.7, 1.75, 1.85], rtol=1e-5)
+    np.testing.assert_allclose(ret, adv, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def walks_run(tmp_path_factory, load_script):
+    """The random-walks pipeline at smoke size: every stage's run, results and picture."""
+    d = tmp_path_factory.mktemp("walks")
+    script = load_script("experiments/rlhf_random_walks.py")
+    assert script.main(["--workdir", str(d), "--quick", "--seeds", "1"]) == 0
+    return d
+
+
+@pytest.mark.slow
+def test_random_walks_pipeline_writes_results_and_frontier(walks_run):
+    results = json.loads((walks_run / "results.json").read_text())
+    for method in ("sft", "ppo", "dpo", "grpo"):
+        r = results[method]
+        assert set(r) >= {"gold_reward", "proxy_reward", "kl", "invalid_rate"}
+        assert 0 <= r["gold_reward"] <= 1 and 0 <= r["invalid_rate"] <= 1
+    assert results["sft"]["kl"] == pytest.approx(0.0, abs=1e-5)  # against itself
+    assert 0.5 <= results["reward_model"]["val_accuracy"] <= 1.0
+    assert (walks_run / "frontier.png").read_bytes()[:8] == PNG
+
+
+def count_a(prompts, responses):
+    """A bandit reward: the share of a response's letters that are "a"."""
+    return [r.count("a") / max(len(r), 1) for r in responses]
+
+
+def rl_config(walks_run, *extra):
+    prompts = walks_run / "data" / "prompts.jsonl"
+    return run.configure(rlhf.FAMILY, "tiny", [
+        f"base={walks_run / 'sft'}", f"data.path={prompts}", "data.prompt_len=4",
+        "rl.reward=tests.test_rlhf:count_a", "rl.max_new_tokens=4", "rl.truncation_penalty=None",
+        *extra,
+    ])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_ppo_raises_a_bandit_reward(walks_run, tmp_path):
+    cfg = rl_config(walks_run, "rl.prompts_per_update=32", "rl.minibatches=2", "optim.lr=3e-3",
+                    "run.steps=24", "run.checkpoint_every=24", "rl.kl_coef=0")  # fmt: skip
+    run.train(cfg, tmp_path, rlhf.FAMILY)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    scores = [r["score"] for r in rows if "score" in r]
+    assert np.mean(scores[-4:]) > np.mean(scores[:4]) + 0.2, scores
+
+
+@pytest.mark.slow
+def test_sharded_ppo_equals_one_device(walks_run):
+    cfg = rl_config(walks_run, "rl.prompts_per_update=8", "rl.minibatches=2")
+    metrics = ("loss", "score", "kl", "response_length")
+    one, state_one = train_by_hand(
+        rlhf.FAMILY, cfg, meshlib.make_mesh("data=1", jax.devices()[:1]), 2, metrics
+    )
+    many, state_many = train_by_hand(
+        rlhf.FAMILY, cfg, meshlib.make_mesh("data=4,fsdp=2"), 2, metrics
+    )
+    np.testing.assert_allclose(many, one, rtol=2e-4, atol=1e-5)
+    leaves = zip(jax.tree.leaves(state_one.params), jax.tree.leaves(state_many.params), strict=True)
+    for a, b in leaves:
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-3, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_ppo_killed_and_resumed_equals_an_uninterrupted_run(walks_run, tmp_path):
+    whole = tmp_path / "whole"
+    run.train(rl_config(walks_run, "run.steps=4"), whole, rlhf.FAMILY)
+    parts = tmp_path / "parts"
+    run.train(rl_config(walks_run, "run.steps=2"), parts, rlhf.FAMILY)  # stops at step 2
+    run.train(rl_config(walks_run, "run.steps=4"), parts, rlhf.FAMILY)  # resumes: same rollouts
+    a = run.load(whole, rlhf.FAMILY).state
+    b = run.load(parts, rlhf.FAMILY).state
+    assert int(a.step) == int(b.step) == 4
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_rlhf_bad_input_is_one_clear_error(walks_run, tmp_path, capsys):
+    def main(data, reward="tests.test_rlhf:count_a", *sets):
+        argv = ["--workdir", str(tmp_path / "w"), "--preset", "tiny", "--base",
+                str(walks_run / "sft"), "--data", str(data), "--reward", reward, "--set",
+                "data.prompt_len=4", "rl.max_new_tokens=4", *sets]  # fmt: skip
+        return run.main(rlhf.FAMILY, argv)
+
+    prompts = walks_run / "data" / "prompts.jsonl"
+    # A reference trained with another tokenizer: the vocabularies differ.
+    other = tmp_path / "other"
+    other.mkdir()
+    text = pathlib.Path(__file__).read_text()
+    Tokenizer.train([text], vocab_size=400, model_path=other / "tokenizer.model")
+    assert main(prompts, "tests.test_rlhf:count_a", f"rl.reference={other}") == 2
+    assert "different vocabularies" in capsys.readouterr().err
+    assert main(prompts, "nope:fn") == 2
+    assert "cannot import" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "b"}) + "\n")
+    assert main(bad) == 2
+    assert "bad.jsonl:1: missing field 'prompt'" in capsys.readouterr().err
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "bcdefg"}) + "\n")
+    assert main(long) == 2
+    assert "more than data.prompt_len=4" in capsys.readouterr().err
+
+
+def test_walks_gold_reward():
+    g = walks.GRAPH
+    shortest = g.shortest()
+    start = int(np.argmax(shortest))  # a node with the longest shortest path
+    # Follow the BFS distances down to the goal: a shortest path scores 1.
+    path = [start]
+    while path[-1] != walks.GOAL:
+        here = path[-1]
+        path.append(next(j for j in np.nonzero(g.adjacency[here])[0]
+                         if shortest[j] == shortest[here] - 1))  # fmt: skip
+    text = "".join(walks.LETTERS[i] for i in path)
+    assert walks.gold_reward([text[0]], [text[1:]]) == [pytest.approx(1.0)]
+    assert walks.gold_reward([text[0]], [text[1:] + "b"]) == [0.0]  # letters after the goal
+    assert walks.gold_reward([text[0]], ["z"]) == [0.0]
+    assert walks.invalid([text[0], text[0]], [text[1:], "?"]) == [False, True]
