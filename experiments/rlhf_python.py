@@ -34,7 +34,7 @@ from genjax.rl import python_task
 LENGTH = 64
 
 
-def write_data(d: pathlib.Path, tok, length: int, quick: bool) -> dict[str, pathlib.Path]:
+def write_data(d: pathlib.Path, tok, length: int) -> dict[str, pathlib.Path]:
     """pairs.jsonl, preferences.jsonl, prompts.jsonl (training prompts that fit) and
     eval_prompts.jsonl (held-out prompts that fit), written once."""
     paths = {name: d / "data" / f"{name}.jsonl"
@@ -42,7 +42,7 @@ def write_data(d: pathlib.Path, tok, length: int, quick: bool) -> dict[str, path
     if all(p.exists() for p in paths.values()):
         return paths
     train_files, _ = lm.corpus_split(lm.DataConfig())
-    pairs = python_task.function_pairs(train_files[:200] if quick else train_files)
+    pairs = python_task.function_pairs(train_files)
     train_pairs, val_pairs = rldata.split(pairs, 0.1)
 
     def fits(p) -> bool:
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     try:
         base_model = sft.base_model(args.base)
         length = min(LENGTH, base_model.max_seq_len // 2)
-        paths = write_data(d, sft.base_tokenizer(args.base, base_model), length, args.quick)
+        paths = write_data(d, sft.base_tokenizer(args.base, base_model), length)
         rows = [f"data.seq_len={2 * length}", "data.global_batch_size=16", "optim.lr=3e-4"]
         stages = {
             "sft": (sft.FAMILY, [f"base={args.base}", f"data.path={paths['pairs']}", *rows]),

@@ -51,8 +51,14 @@ class OptimConfig:
     eps: float = 1e-8
     clip_norm: float | None = 1.0  # global gradient-norm clip; None disables
     grad_accum: int = 1  # micro-batches per optimizer step
+    # Where Adam's eps sits: "pytorch" m̂ / (√v̂ + ε); "tensorflow" m̂ / (√v̂ + ε̂) with
+    # ε̂ = ε / √(1 − β₂ᵗ), larger early on (the RLHF-with-PPO implementations' choice).
+    eps_style: str = "pytorch"
 
     def __post_init__(self):
+        if self.eps_style not in ("pytorch", "tensorflow"):
+            raise ValueError(f"optim config: eps_style={self.eps_style!r}; "
+                             "choose 'pytorch' or 'tensorflow'")  # fmt: skip
         if self.grad_accum < 1:
             raise ValueError(f"optim config: grad_accum must be >= 1, got {self.grad_accum}")
         if self.total_steps < 1 or self.warmup_steps < 0:
@@ -84,11 +90,35 @@ def make_optimizer(
     models with stacked layers pass their own (a stacked vector has rank 2).
     """
     clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity()
+    if cfg.eps_style == "tensorflow":
+        return optax.chain(
+            clip,
+            scale_by_tf_adam(cfg.b1, cfg.b2, cfg.eps),
+            optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+            optax.scale_by_learning_rate(make_schedule(cfg)),
+        )
     adamw = optax.adamw(
         make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
         weight_decay=cfg.weight_decay, mask=decay_mask,
     )  # fmt: skip
     return optax.chain(clip, adamw)
+
+
+def scale_by_tf_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Adam as TensorFlow computes it: lr_t = √(1 − β₂ᵗ) / (1 − β₁ᵗ), update = lr_t · m /
+    (√v + ε): the same as optax's Adam with ε̂ = ε / √(1 − β₂ᵗ) in place of ε."""
+
+    def update(updates, state, params=None):
+        del params
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        count = optax.safe_increment(state.count)
+        t = count.astype(jnp.float32)
+        scale = jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        out = jax.tree.map(lambda m, v: scale * m / (jnp.sqrt(v) + eps), mu, nu)
+        return out, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(optax.scale_by_adam(b1, b2, eps).init, update)
 
 
 # ----------------------------------------------------------------------------- step pieces

@@ -36,3 +36,25 @@ def load_script():
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def stdlib_lm(tmp_path_factory):
+    """A tiny LM trained a few steps on two stdlib packages: (its workdir, its corpus)."""
+    import shutil
+    import sysconfig
+
+    from genjax import lm, run
+
+    root = tmp_path_factory.mktemp("base")
+    corpus = root / "corpus"
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    for name in ("json", "html"):
+        shutil.copytree(stdlib / name, corpus / name, ignore=shutil.ignore_patterns("__pycache__"))
+    cfg = run.configure(lm.FAMILY, "tiny", [
+        f"data.corpus=('{corpus}',)", "data.seq_len=32", "data.global_batch_size=8",
+        "data.val_fraction=0", "model.vocab_size=384", "model.max_seq_len=256", "run.steps=2",
+        "sample.tokens=0",
+    ])  # fmt: skip
+    run.train(cfg, root / "lm", lm.FAMILY)
+    return root / "lm", corpus

@@ -12,7 +12,7 @@ import pytest
 
 from genjax import mesh as meshlib
 from genjax import rlhf, run
-from genjax.rl import walks
+from genjax.rl import python_task, walks
 from genjax.tokenizer import Tokenizer
 from tests.families import train_by_hand
 
@@ -163,3 +163,22 @@ def test_walks_gold_reward():
     assert walks.gold_reward([text[0]], [text[1:] + "b"]) == [0.0]  # letters after the goal
     assert walks.gold_reward([text[0]], ["z"]) == [0.0]
     assert walks.invalid([text[0], text[0]], [text[1:], "?"]) == [False, True]
+
+
+@pytest.mark.slow
+def test_python_pipeline_reports_parse_rates(stdlib_lm, tmp_path, load_script):
+    base, _ = stdlib_lm
+    script = load_script("experiments/rlhf_python.py")
+    assert script.main(["--workdir", str(tmp_path), "--base", str(base), "--quick"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    for method in ("sft", "ppo"):
+        assert 0 <= results[method]["parse_rate"] <= 1
+        assert {"proxy_reward", "kl"} <= set(results[method])
+    assert results["sft"]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert results["eval_prompts"] > 0
+    preferences = [json.loads(line) for line in (tmp_path / "data" / "preferences.jsonl").open()]
+    assert preferences and all(
+        python_task.parses([p["prompt"]], [p["chosen"]]) == [1.0]
+        and python_task.parses([p["prompt"]], [p["rejected"]]) == [0.0]
+        for p in preferences
+    )

@@ -2,7 +2,6 @@
 
 import json
 import pathlib
-import shutil
 import sysconfig
 
 import jax
@@ -57,25 +56,9 @@ def test_split_holds_out_by_prompt():
     assert rldata.split(pairs, 0.1) == (train, val)  # stable
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    """A tiny LM trained a few steps on two stdlib packages."""
-    root = tmp_path_factory.mktemp("base")
-    corpus = root / "corpus"
-    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    for name in ("json", "html"):
-        shutil.copytree(stdlib / name, corpus / name, ignore=shutil.ignore_patterns("__pycache__"))
-    cfg = run.configure(lm.FAMILY, "tiny", [
-        f"data.corpus=('{corpus}',)", "data.seq_len=32", "data.global_batch_size=8",
-        "data.val_fraction=0", "model.vocab_size=384", "run.steps=2", "sample.tokens=0",
-    ])  # fmt: skip
-    run.train(cfg, root / "lm", lm.FAMILY)
-    return root / "lm", corpus
-
-
 @pytest.mark.slow
-def test_sft_starts_from_the_base_and_lowers_the_response_loss(base_run, tmp_path, load_script):
-    base, _ = base_run
+def test_sft_starts_from_the_base_and_lowers_the_response_loss(stdlib_lm, tmp_path, load_script):
+    base, _ = stdlib_lm
     script = load_script("experiments/sft.py")
     stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
     packages = ("json", "html", "email", "logging")
@@ -103,8 +86,8 @@ def test_sft_starts_from_the_base_and_lowers_the_response_loss(base_run, tmp_pat
     assert script.main(argv) == 0
 
 
-def test_sft_bad_input_is_one_clear_error(base_run, tmp_path, capsys, load_script):
-    base, _ = base_run
+def test_sft_bad_input_is_one_clear_error(stdlib_lm, tmp_path, capsys, load_script):
+    base, _ = stdlib_lm
     script = load_script("experiments/sft.py")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "response": ""}) + "\n")

@@ -264,3 +264,22 @@ def test_optimizer_state_follows_its_parameters_whatever_the_optimizer(optimizer
     assert moments and all(specs[k] == P(None, "fsdp") for k in moments), specs
     assert specs["['ema']['w']"] == P(None, "fsdp") and specs["['step']"] == P()
     assert jax.tree.structure(shardings) == jax.tree.structure(abstract)
+
+
+def test_tensorflow_style_adam_moves_eps_inside_the_bias_correction():
+    b1, b2, eps, lr = 0.9, 0.999, 1e-3, 0.1
+    cfg = train.OptimConfig(lr=lr, warmup_steps=0, total_steps=10, min_lr_ratio=1.0,
+                            weight_decay=0.0, b1=b1, b2=b2, eps=eps, clip_norm=None,
+                            eps_style="tensorflow")  # fmt: skip
+    opt = train.make_optimizer(cfg)
+    params = {"w": jnp.zeros(3)}
+    state = opt.init(params)
+    m = v = np.zeros(3)
+    for t, g in enumerate([np.array([1.0, -2.0, 0.5]), np.array([0.3, 0.1, -1.0])], start=1):
+        updates, state = opt.update({"w": jnp.asarray(g)}, state, params)
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g**2
+        m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
+        expected = -lr * m_hat / (np.sqrt(v_hat) + eps / np.sqrt(1 - b2**t))
+        np.testing.assert_allclose(updates["w"], expected, rtol=1e-4)  # float32 1 − β₂ᵗ
+    with pytest.raises(ValueError, match="eps_style"):
+        train.OptimConfig(eps_style="keras")
