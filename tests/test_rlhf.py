@@ -4,6 +4,8 @@ reward, sharded PPO equal to one device, kill-and-resume, and bad input."""
 
 import json
 import pathlib
+import runpy
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from genjax.rl import python_task, walks
 from genjax.tokenizer import Tokenizer
 from tests.families import train_by_hand
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -182,3 +185,32 @@ def test_python_pipeline_reports_parse_rates(stdlib_lm, tmp_path, load_script):
         and python_task.parses([p["prompt"]], [p["rejected"]]) == [0.0]
         for p in preferences
     )
+
+
+def run_command(script: str, argv: list[str], monkeypatch) -> int:
+    """The exit code of ``python script argv...``, run in this process."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    return exit_.value.code
+
+
+@pytest.mark.slow
+def test_stage_commands_run_from_an_sft_run(walks_run, tmp_path, monkeypatch):
+    data = walks_run / "data"
+    sft_run = str(walks_run / "sft")
+    tiny = ["--preset", "tiny", "--steps", "2", "--checkpoint-every", "2", "--set"]
+    rows = ["data.seq_len=16", "run.eval_every=2"]
+    argv = ["--workdir", str(tmp_path / "rm"), "--base", sft_run, "--data",
+            str(data / "preferences.jsonl"), *tiny, *rows]  # fmt: skip
+    assert run_command("experiments/reward_model.py", argv, monkeypatch) == 0
+    assert json.loads((tmp_path / "rm" / "normalization.json").read_text())["std"] > 0
+    argv = ["--workdir", str(tmp_path / "dpo"), "--base", sft_run, "--data",
+            str(data / "preferences.jsonl"), *tiny, *rows]  # fmt: skip
+    assert run_command("experiments/dpo.py", argv, monkeypatch) == 0
+    argv = ["--workdir", str(tmp_path / "ppo"), "--base", sft_run, "--data",
+            str(data / "prompts.jsonl"), "--reward", str(tmp_path / "rm"), *tiny,
+            "data.prompt_len=4", "rl.max_new_tokens=4", "optim.eps_style=tensorflow"]  # fmt: skip
+    assert run_command("experiments/rlhf.py", argv, monkeypatch) == 0
+    logged = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").open()]
+    assert any("kl" in r and "score" in r for r in logged)
