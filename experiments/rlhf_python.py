@@ -12,10 +12,13 @@ the shared run layer in its own workdir (re-running resumes):
               parses (chosen) against the same body cut short where that does not parse
     DIR/ppo   PPO against the reward model, KL penalty to the SFT model, on prompts whose
               reference body fits the response length
+    DIR/ppo_gold  the same PPO against the gold reward itself (``parses``, a Python
+              function of the texts), to tell the reward model's errors from PPO's
 
-Then the SFT model and the PPO policy each answer the held-out prompts (temperature 1)
+Then the SFT model and both PPO policies each answer the held-out prompts (temperature 1)
 and are scored: parse rate (the gold reward), proxy reward, KL to the SFT model. Writes
-``DIR/results.json``: {"sft": {...}, "ppo": {...}, "reward_model": {"val_accuracy"}}.
+``DIR/results.json``: {"sft", "ppo", "ppo_gold": {"parse_rate", "proxy_reward", "kl"},
+"reward_model": {"val_accuracy"}}.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps per stage")
     args = p.parse_args(argv)
     d = pathlib.Path(args.workdir)
-    steps = dict(sft=4, rm=4, ppo=2) if args.quick else dict(sft=300, rm=200, ppo=100)
+    steps = (dict(sft=4, rm=4, ppo=2, ppo_gold=2) if args.quick
+             else dict(sft=300, rm=200, ppo=100, ppo_gold=100))  # fmt: skip
     try:
         base_model = sft.base_model(args.base)
         length = min(LENGTH, base_model.max_seq_len // 2)
@@ -78,17 +82,19 @@ def main(argv=None) -> int:
             "sft": (sft.FAMILY, [f"base={args.base}", f"data.path={paths['pairs']}", *rows]),
             "rm": (reward_model.FAMILY, [f"base={d / 'sft'}", f"data.path={paths['preferences']}",
                                          *rows]),
-            "ppo": (rlhf.FAMILY, [
-                f"base={d / 'sft'}", f"data.path={paths['prompts']}", f"rl.reward={d / 'rm'}",
+        }  # fmt: skip
+        # PPO against the reward model, and against the gold reward itself.
+        for name, reward in (("ppo", d / "rm"), ("ppo_gold", "genjax.rl.python_task:parses")):
+            stages[name] = (rlhf.FAMILY, [
+                f"base={d / 'sft'}", f"data.path={paths['prompts']}", f"rl.reward={reward}",
                 f"data.prompt_len={length}", f"rl.max_new_tokens={length}",
                 "rl.prompts_per_update=16", "rl.minibatches=2", "rl.epochs=2",
                 "optim.lr=3e-5", "run.log_every=5",
-            ]),
-        }  # fmt: skip
+            ])  # fmt: skip
         for name, (family, assignments) in stages.items():
             n = steps[name]
             cadence = [f"run.steps={n}", f"run.checkpoint_every={n}"]
-            if name != "ppo":
+            if family is not rlhf.FAMILY:
                 cadence.append(f"run.eval_every={n}")
             print(f"== {family.name}: {d / name}", flush=True)
             cfg = run.configure(family, "default", [*assignments, *cadence])
@@ -96,10 +102,12 @@ def main(argv=None) -> int:
         model = sft.base_model(d / "sft")
         tok = sft.base_tokenizer(d / "sft", model)
         reference = sft.load_base(d / "sft")
-        _, policy = rlhf.load_policy(d / "ppo")
         prompts = [r["prompt"] for r in rldata.read_jsonl(paths["eval_prompts"], ("prompt",))]
+        policies = {"sft": reference}
+        for method in ("ppo", "ppo_gold"):
+            policies[method] = rlhf.load_policy(d / method)[1]
         results = {}
-        for method, params in (("sft", reference), ("ppo", policy)):
+        for method, params in policies.items():
             scores, _ = rlhf.evaluate_policy(
                 model, params, reference, tok, prompts, gold=python_task.parses,
                 reward_model_dir=d / "rm", max_new_tokens=length, prompt_len=length,
@@ -113,10 +121,11 @@ def main(argv=None) -> int:
                                ["val_accuracy"]}  # fmt: skip
     results["eval_prompts"] = len(prompts)
     (d / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    for method in ("sft", "ppo"):
+    for method in policies:
         r = results[method]
         print(f"{method}: parse rate {r['parse_rate']:.3f}, proxy reward {r['proxy_reward']:.3f}, "
-              f"KL to SFT {r['kl']:.3f} ({len(prompts)} prompts)")  # fmt: skip
+              f"KL to SFT {r['kl']:.3f}, {r['response_tokens']:.1f} tokens per response "
+              f"({len(prompts)} prompts)")  # fmt: skip
     print(f"wrote {d / 'results.json'}")
     return 0
 

@@ -632,8 +632,8 @@ def evaluate_policy(
     gold: Callable, reward_model_dir, max_new_tokens: int, prompt_len: int, seed: int = 0,
 ) -> tuple[dict[str, float], Samples]:  # fmt: skip
     """A policy's samples (one per prompt, temperature 1) scored: the mean gold reward,
-    the reward model's normalized proxy reward, and the KL to ``reference`` (the mean
-    over samples of log π − log π_ref, nats per response)."""
+    the reward model's normalized proxy reward, the KL to ``reference`` (the mean over
+    samples of log π − log π_ref, nats per response) and the mean response length."""
     s = sample(model, params, tok, prompts, max_new_tokens=max_new_tokens, seed=seed,
                prompt_len=prompt_len)  # fmt: skip
     logp = np.asarray(sequence_logprobs(model, params, s.tokens, s.mask))
@@ -642,5 +642,6 @@ def evaluate_policy(
         "gold_reward": float(np.mean(gold(s.prompts, s.responses))),
         "proxy_reward": float(np.mean(proxy_rewards(reward_model_dir, s))),
         "kl": float(np.mean(logp - ref_logp)),
+        "response_tokens": float(np.mean(np.sum(s.mask, axis=1))),  # with the closing <eod>
     }
     return scores, s
