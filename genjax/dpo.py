@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-import shutil
 from typing import NamedTuple
 
 import jax
@@ -63,11 +62,7 @@ class State(NamedTuple):
 
 
 def complete(cfg: Config, explicit: frozenset[str]) -> Config:
-    # The base, the data and the model follow the reward model's rules exactly.
-    checked = reward_model.complete(
-        reward_model.Config(base=cfg.base, data=cfg.data, run=cfg.run, optim=cfg.optim), explicit
-    )
-    return dataclasses.replace(cfg, model=checked.model, optim=checked.optim)
+    return sft.with_base_model(cfg, explicit, "dpo", "the preference pairs")
 
 
 def pair_logprobs(model: transformer.Config, params, batch) -> tuple[jax.Array, jax.Array]:
@@ -121,9 +116,7 @@ def accuracy_sums(model: transformer.Config, both, batch) -> dict[str, jax.Array
 
 
 def data(cfg: Config, workdir: pathlib.Path) -> run.Data:
-    tok = sft.base_tokenizer(cfg.base, cfg.model)
-    workdir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tok.model_path, workdir / "tokenizer.model")
+    tok = sft.copy_base_tokenizer(cfg.base, cfg.model, workdir)
     train_pairs, val_pairs = rldata.split(rldata.read_preferences(cfg.data.path),
                                           cfg.data.val_fraction)  # fmt: skip
     rows, dropped = rldata.preference_rows(tok, train_pairs, cfg.data.seq_len)

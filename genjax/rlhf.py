@@ -37,7 +37,6 @@ import functools
 import importlib
 import json
 import pathlib
-import shutil
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -279,7 +278,10 @@ def make_score(cfg: Config, tok: Tokenizer):
     def score(state, tokens_BL, mask_BT, ended_B):
         del state
         shape = jax.ShapeDtypeStruct(ended_B.shape, jnp.float32)
-        return jax.pure_callback(host, shape, tokens_BL, mask_BT, ended_B)
+        # The host reads whole arrays: gather them first, since XLA cannot hand a
+        # batch-sharded array to a callback on one device without a full rematerialization.
+        args = [meshlib.constrain(x, (None,) * x.ndim, {}) for x in (tokens_BL, mask_BT, ended_B)]
+        return jax.pure_callback(host, shape, *args)
 
     return score
 
@@ -517,10 +519,7 @@ def prompt_rows(tok: Tokenizer, prompts: list[str], prompt_len: int, path: str):
 
 
 def data(cfg: Config, workdir: pathlib.Path) -> run.Data:
-    tok = sft.base_tokenizer(cfg.base, cfg.model)
-    if workdir is not None:  # None: a caller drives the step by hand
-        workdir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tok.model_path, workdir / "tokenizer.model")
+    tok = sft.copy_base_tokenizer(cfg.base, cfg.model, workdir)  # None: driven by hand
     prompts = [r["prompt"] for r in rldata.read_jsonl(cfg.data.path, ("prompt",))]
     rows = prompt_rows(tok, prompts, cfg.data.prompt_len, cfg.data.path)
     # Fewer prompts than an update samples: each appears several times per pass.

@@ -70,14 +70,19 @@ PRESETS = {
 
 
 def complete(cfg: Config, explicit: frozenset[str]) -> Config:
-    """The model is the base run's; the schedule spans the run."""
+    return with_base_model(cfg, explicit, "sft", "the prompt–response pairs")
+
+
+def with_base_model(cfg, explicit: frozenset[str], who: str, data_what: str):
+    """``cfg`` (any fine-tuning family's: ``base``, ``data.path``, ``data.seq_len``,
+    ``model``) with the base run's model and a schedule that spans the run."""
     if not cfg.base:
-        raise ValueError("sft: give the LM run to fine-tune, --base LM_WORKDIR")
+        raise ValueError(f"{who}: give the LM run to start from, --base LM_WORKDIR")
     if not cfg.data.path:
-        raise ValueError("sft: give the prompt–response pairs, --data PATH.jsonl")
+        raise ValueError(f"{who}: give {data_what}, --data PATH.jsonl")
     set_model = sorted(name for name in explicit if name.startswith("model."))
     if set_model:
-        raise ValueError(f"sft: the model is the base run's; do not set {', '.join(set_model)}")
+        raise ValueError(f"{who}: the model is the base run's; do not set {', '.join(set_model)}")
     model = base_model(cfg.base)
     if cfg.data.seq_len > model.max_seq_len:
         raise ValueError(
@@ -114,6 +119,16 @@ def base_tokenizer(workdir: str | pathlib.Path, model: transformer.Config) -> To
     return tok
 
 
+def copy_base_tokenizer(base: str | pathlib.Path, model: transformer.Config, workdir) -> Tokenizer:
+    """The base run's tokenizer, copied into ``workdir`` (None: not copied) so that the new
+    run samples and serves on its own."""
+    tok = base_tokenizer(base, model)
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tok.model_path, workdir / "tokenizer.model")
+    return tok
+
+
 def load_base(workdir: str | pathlib.Path):
     """The newest weights of an LM run, pre-trained or fine-tuned."""
     return run.load(workdir, base_family(workdir)).state.params
@@ -130,9 +145,7 @@ def response_loss(cfg: Config, params, batches) -> float:
 
 
 def data(cfg: Config, workdir: pathlib.Path) -> run.Data:
-    tok = base_tokenizer(cfg.base, cfg.model)
-    workdir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tok.model_path, workdir / "tokenizer.model")  # for sampling
+    tok = copy_base_tokenizer(cfg.base, cfg.model, workdir)
     train_pairs, val_pairs = rldata.split(rldata.read_sft(cfg.data.path), cfg.data.val_fraction)
     tokens, mask, dropped = rldata.pair_rows(tok, train_pairs, cfg.data.seq_len)
     if len(tokens) < cfg.data.global_batch_size:

@@ -175,6 +175,21 @@ def test_packing_sets_the_discriminators_input():
     assert jax.eval_shape(functools.partial(gan.discriminate, cfg), d_params, x_spec).shape == (2,)
 
 
+def test_fourier_features_are_the_discriminators_input():
+    cfg = dataclasses.replace(MLP, fourier_features=16, fourier_scale=2.0)
+    d_params = init(cfg).d_params
+    assert d_params["hidden"][0]["w_IO"].shape[0] == 2 * 16  # sin and cos of 16 frequencies
+    x = batch_for(cfg, 8)["x"]
+    logits = jitted(gan.discriminate, cfg)(d_params, x)
+    assert logits.shape == (4,) and bool(jnp.all(jnp.isfinite(logits)))
+    # By hand: the frequencies are fixed (key 0) and scaled; the features are bounded.
+    W = 2.0 * jax.random.normal(jax.random.key(0), (4, 16))
+    xW = gan.pack(x, 2) @ W
+    want = jnp.concatenate([jnp.sin(xW), jnp.cos(xW)], -1)
+    d = gan.discriminator(cfg, d_params)
+    np.testing.assert_allclose(d.fourier(gan.pack(x, 2)), want, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- networks
 
 
@@ -372,6 +387,9 @@ def test_training_on_the_ring_moves_samples_onto_it():
         (dict(num_classes=-1), "0: unconditional"),
         (dict(num_classes=10, pack=2), "set pack=1 or num_classes=0"),
         (dict(maxout=1), "use >= 2"),
+        (dict(fourier_features=-1), "0: off"),
+        (dict(fourier_scale=0.0), "0: off"),
+        (dict(arch="conv", shape=(8, 8, 1), fourier_features=8), "set it to 0 for conv"),
         (dict(data_scale=0.0), "must be > 0"),
         (dict(augment=True), "use arch='conv'"),
         (dict(latent=0), "must be >= 1"),

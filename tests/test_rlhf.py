@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from genjax import mesh as meshlib
-from genjax import rlhf, run
+from genjax import reward_model, rlhf, run
 from genjax.rl import python_task, walks
 from genjax.tokenizer import Tokenizer
 from tests.families import train_by_hand
@@ -149,6 +149,16 @@ def test_rlhf_bad_input_is_one_clear_error(walks_run, tmp_path, capsys):
     long.write_text(json.dumps({"prompt": "bcdefg"}) + "\n")
     assert main(long) == 2
     assert "more than data.prompt_len=4" in capsys.readouterr().err
+
+
+def test_reward_normalization_reads_a_bounded_sample_spanning_the_file():
+    rows = {"chosen": np.arange(5000), "rejected": -np.arange(5000)}
+    sample = reward_model.normalization_sample(rows)
+    assert len(sample["chosen"]) == reward_model.NORMALIZATION_PAIRS
+    assert sample["chosen"][0] == 0 and sample["chosen"][-1] == 4999
+    np.testing.assert_array_equal(sample["rejected"], -sample["chosen"])  # pairs stay pairs
+    few = {k: v[:10] for k, v in rows.items()}
+    np.testing.assert_array_equal(reward_model.normalization_sample(few)["chosen"], np.arange(10))
 
 
 def test_walks_gold_reward():

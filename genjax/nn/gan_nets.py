@@ -1,11 +1,13 @@
 """The generators and discriminators of the GAN family (``genjax.models.gan``).
 
 Glossary: B batch, Z latent, D features of one 2-D point, U hidden units, P maxout
-pieces, K classes, F the discriminator's features φ(x) (what its class projection
-reads), H W C image height, width and channels (I: a layer's inputs, O: its outputs).
+pieces, K classes, R random Fourier frequencies, F the discriminator's features φ(x)
+(what its class projection reads), H W C image height, width and channels (I: a layer's
+inputs, O: its outputs).
 
     MLPGenerator       [z ‖ label embedding] → (Linear → ReLU) × layers → Linear → x [B, D]
-    MLPDiscriminator   x [B, D] → (Linear → max over P pieces) × layers = φ [B, U] → logit [B]
+    MLPDiscriminator   x [B, D] → (optional: random Fourier features [sin xW, cos xW])
+                       → (Linear → max over P pieces) × layers = φ [B, U] → logit [B]
     ConvGenerator      [z ‖ label embedding] → dense to the lowest resolution → per level:
                        GroupNorm → ReLU → nearest ×2 → conv 3×3 → … → conv 3×3 → tanh
     ConvDiscriminator  x → conv 3×3 → LeakyReLU → (conv 3×3 stride 2 → LeakyReLU) per level
@@ -142,11 +144,13 @@ class MLPDiscriminator(nnx.Module):
     """``dim`` is the width of one (packed) input: M·D for packs of M points."""
 
     def __init__(
-        self, dim: int, hidden: int, layers: int, pieces: int, num_classes: int, *, rngs: nnx.Rngs
-    ):
+        self, dim: int, hidden: int, layers: int, pieces: int, num_classes: int,
+        fourier_features: int = 0, fourier_scale: float = 1.0, *, rngs: nnx.Rngs,
+    ):  # fmt: skip
         U, P = hidden, pieces
         self.pieces = pieces
-        widths = [dim] + [U] * layers
+        self.fourier_features, self.fourier_scale = fourier_features, fourier_scale
+        widths = [2 * fourier_features or dim] + [U] * layers
         self.hidden = nnx.List(
             [
                 Dense(i, U * P, ("hidden_in" if n else None, "hidden"), rngs=rngs)
@@ -156,9 +160,18 @@ class MLPDiscriminator(nnx.Module):
         self.out = Dense(U, 1, ("hidden", None), rngs=rngs)
         self.embed_KF = label_table(rngs, num_classes, U, "hidden", 1 / math.sqrt(U))
 
+    def fourier(self, x_BD: jax.Array) -> jax.Array:
+        """[sin(xW), cos(xW)] [B, 2R] of R frequencies W [D, R], drawn from a fixed key,
+        not trained and not stored: the same frequencies in every run and on resume."""
+        W_DR = self.fourier_scale * jax.random.normal(
+            jax.random.key(0), (x_BD.shape[-1], self.fourier_features)
+        )
+        xW_BR = einsum("BD,DR->BR", x_BD, W_DR)
+        return jnp.concatenate([jnp.sin(xW_BR), jnp.cos(xW_BR)], axis=-1)
+
     def features(self, x_BD: jax.Array) -> jax.Array:
         """φ(x) [B, U]: the last hidden layer."""
-        h_BU = x_BD
+        h_BU = self.fourier(x_BD) if self.fourier_features else x_BD
         for layer in self.hidden:
             h_BUP = layer(h_BU).reshape(x_BD.shape[0], -1, self.pieces)
             h_BU = jnp.max(h_BUP, axis=-1)  # maxout (Goodfellow et al. 2013)
