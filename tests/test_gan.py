@@ -178,14 +178,14 @@ def test_packing_sets_the_discriminators_input():
 def test_fourier_features_are_the_discriminators_input():
     cfg = dataclasses.replace(MLP, fourier_features=16, fourier_scale=2.0)
     d_params = init(cfg).d_params
-    assert d_params["hidden"][0]["w_IO"].shape[0] == 2 * 16  # sin and cos of 16 frequencies
+    assert d_params["hidden"][0]["w_IO"].shape[0] == 4 + 2 * 16  # a pair, sin and cos of 16
     x = batch_for(cfg, 8)["x"]
     logits = jitted(gan.discriminate, cfg)(d_params, x)
     assert logits.shape == (4,) and bool(jnp.all(jnp.isfinite(logits)))
-    # By hand: the frequencies are fixed (key 0) and scaled; the features are bounded.
+    # By hand: x, then the sines and cosines of fixed (key 0), scaled frequencies.
     W = 2.0 * jax.random.normal(jax.random.key(0), (4, 16))
     xW = gan.pack(x, 2) @ W
-    want = jnp.concatenate([jnp.sin(xW), jnp.cos(xW)], -1)
+    want = jnp.concatenate([gan.pack(x, 2), jnp.sin(xW), jnp.cos(xW)], -1)
     d = gan.discriminator(cfg, d_params)
     np.testing.assert_allclose(d.fourier(gan.pack(x, 2)), want, rtol=1e-5, atol=1e-5)
 

@@ -52,7 +52,7 @@ class GANConfig:
     d_hidden: int = 200  # mlp: the discriminator's maxout units and layers (PacGAN: 3 × 200)
     d_layers: int = 3
     maxout: int = 5  # mlp: linear pieces of each discriminator unit (PacGAN: 5)
-    # mlp: the discriminator reads [sin(xW), cos(xW)] of R fixed random frequencies W ~
+    # mlp: the discriminator reads [x, sin(xW), cos(xW)] of R fixed random frequencies W ~
     # N(0, fourier_scale²) per unit of x (Tancik et al. 2020) rather than x; 0 reads x.
     # A maxout net of x needs weights and biases ~ 1/std of the modes to tell the grid's
     # bumps apart, which Adam at 1e-4 grows in ~10⁵ steps; Fourier features see them at

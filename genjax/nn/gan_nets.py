@@ -150,7 +150,7 @@ class MLPDiscriminator(nnx.Module):
         U, P = hidden, pieces
         self.pieces = pieces
         self.fourier_features, self.fourier_scale = fourier_features, fourier_scale
-        widths = [2 * fourier_features or dim] + [U] * layers
+        widths = [dim + 2 * fourier_features] + [U] * layers
         self.hidden = nnx.List(
             [
                 Dense(i, U * P, ("hidden_in" if n else None, "hidden"), rngs=rngs)
@@ -161,13 +161,15 @@ class MLPDiscriminator(nnx.Module):
         self.embed_KF = label_table(rngs, num_classes, U, "hidden", 1 / math.sqrt(U))
 
     def fourier(self, x_BD: jax.Array) -> jax.Array:
-        """[sin(xW), cos(xW)] [B, 2R] of R frequencies W [D, R], drawn from a fixed key,
-        not trained and not stored: the same frequencies in every run and on resume."""
+        """[x, sin(xW), cos(xW)] [B, D + 2R] of R frequencies W [D, R], drawn from a fixed
+        key, not trained and not stored: the same frequencies in every run and on resume.
+        x itself stays: far from the data the periodic features repeat, and only x tells
+        the generator which way the data lies."""
         W_DR = self.fourier_scale * jax.random.normal(
             jax.random.key(0), (x_BD.shape[-1], self.fourier_features)
         )
         xW_BR = einsum("BD,DR->BR", x_BD, W_DR)
-        return jnp.concatenate([jnp.sin(xW_BR), jnp.cos(xW_BR)], axis=-1)
+        return jnp.concatenate([x_BD, jnp.sin(xW_BR), jnp.cos(xW_BR)], axis=-1)
 
     def features(self, x_BD: jax.Array) -> jax.Array:
         """φ(x) [B, U]: the last hidden layer."""
