@@ -5,12 +5,12 @@ Command (resumes when re-run with the same --workdir):
     python experiments/gan_2d.py --workdir runs/gan-ring
 
 Hardware: a 2-core CPU, about 9 minutes. Expected on the ring (seed 0): 8/8 modes, 98.0%
-high quality, reverse KL 0.001. The grid needs a discriminator that sees its small modes,
-random Fourier features, and R1 (seeds 0, 1, 2: 25/25 modes each, 71.6%, 73.2%, 78.5%
-high quality; without them 14/25 and 1.3%; experiments/benchmarks/RESULTS.md):
+high quality, reverse KL 0.001. On the grid the discriminator also reads random Fourier
+features of the points and R1 keeps it smooth (genjax/gan.py's GRID_MODEL; seeds 0–4:
+25/25 modes each, 70.6% high quality on average, 62.3% the worst; without them seed 0
+gets 14/25 and 1.3%; experiments/benchmarks/RESULTS.md):
 
-    python experiments/gan_2d.py --workdir runs/gan-grid --dataset grid \
-        --set model.fourier_features=128 model.r1_gamma=1
+    python experiments/gan_2d.py --workdir runs/gan-grid --dataset grid
 
 With no other flags, PacGAN2 (Lin et al., 2018): its generator (4 × 400 ReLU) and maxout
 discriminator (3 × 200, 5 pieces) on pairs of examples, the non-saturating loss, Adam

@@ -87,3 +87,12 @@ def test_bad_configs_are_clear_errors(family, assignments, match, tmp_path, caps
     assert run.main(family, argv) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_grid_gets_fourier_features_and_r1_unless_set():
+    ring = run.configure(gan.FAMILY, "default").model
+    grid = run.configure(gan.FAMILY, "default", ["data.dataset=grid"]).model
+    assert (ring.fourier_features, ring.r1_gamma) == (0, 0.0)
+    assert (grid.fourier_features, grid.r1_gamma) == (128, 1.0)
+    plain = run.configure(gan.FAMILY, "default", ["data.dataset=grid", "model.r1_gamma=0"])
+    assert (plain.model.fourier_features, plain.model.r1_gamma) == (128, 0.0)
