@@ -24,7 +24,8 @@ Local smoke run (seconds):
 
 Any config field can be overridden with ``--set section.field=value`` (sections: model,
 data, run, sample; see genjax/gan.py and genjax/models/gan.py), e.g. a plain GAN:
-``--set model.pack=1``; R1: ``--set model.r1_gamma=0.1``.
+``--set model.pack=1 model.fourier_features=0 model.r1_gamma=0`` (the last two only
+matter on the grid).
 """
 
 import sys

@@ -3,7 +3,8 @@ beside a perfect sampler.
 
     python experiments/benchmarks/quality_2d.py --family diffusion \
         --results experiments/benchmarks/RESULTS.md
-    python experiments/benchmarks/quality_2d.py --family gan --set model.pack=1 --label plain
+    python experiments/benchmarks/quality_2d.py --family gan --label plain \
+        --set model.pack=1 model.fourier_features=0 model.r1_gamma=0
 
 For each mixture (ring, grid) and seed, runs ``experiments/<family>_2d.py`` exactly as
 the README does (no flags but ``--dataset``, ``--seed`` and the ``--set`` given here) in
