@@ -14,11 +14,15 @@ Each step runs in its own process with its own time limit; a step that fails or 
 is reported and the next one still runs. Logs and a RESULTS.md with the steps' sections
 go to `--out`. Nothing is installed: the machine's own jax (with its accelerator plugin),
 flax, optax, orbax-checkpoint, grain, sentencepiece, chex and pytest are used, with the
-repository on PYTHONPATH (torch is not needed). This process never opens the device
-itself (a child reports the backend), so each step has the whole accelerator; a step that
-runs past its limit is killed with its own children.
+repository on PYTHONPATH (torch is not needed); pytest collects every test module, so the
+test extra's tensorboardX, hypothesis and scikit-learn must be importable too. A machine
+without network can install the missing ones from wheels downloaded elsewhere
+(`pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64`,
+then `pip install --no-index --find-links WHEELS grain ...`), which keeps its own jax.
+This process never opens the device itself (a child reports the backend), so each step has
+the whole accelerator; a step that runs past its limit is killed with its own children.
 
-    python experiments/benchmarks/accelerator_checks.py --out "$OUT"    # ~7 min, at most 590 s
+    python experiments/benchmarks/accelerator_checks.py --out "$OUT"    # ~2 min on an H200, at most 590 s
     python experiments/benchmarks/accelerator_checks.py --only tests,train     # a subset
     python experiments/benchmarks/accelerator_checks.py --dry-run              # the commands
 
@@ -118,8 +122,10 @@ def main(argv=None) -> int:
             "machine (--dry-run prints the commands)"
         )
     print(f"devices: {devices}", flush=True)
-    # tests/conftest.py defaults JAX_PLATFORMS to cpu: the steps must run on this backend.
-    env["JAX_PLATFORMS"] = backend
+    # tests/conftest.py defaults JAX_PLATFORMS to cpu, so the steps get "" (JAX's own choice,
+    # the accelerator found above). Not the backend's name: "gpu" makes JAX >= 0.11 also
+    # require a ROCm plugin, and fails without one.
+    env["JAX_PLATFORMS"] = ""
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []
     for name in chosen:
