@@ -22,7 +22,7 @@ then `pip install --no-index --find-links WHEELS grain ...`), which keeps its ow
 This process never opens the device itself (a child reports the backend), so each step has
 the whole accelerator; a step that runs past its limit is killed with its own children.
 
-    python experiments/benchmarks/accelerator_checks.py --out "$OUT"    # ~2 min on an H200, at most 590 s
+    python experiments/benchmarks/accelerator_checks.py --out "$OUT"    # ~2 min on an H200
     python experiments/benchmarks/accelerator_checks.py --only tests,train     # a subset
     python experiments/benchmarks/accelerator_checks.py --dry-run              # the commands
 
