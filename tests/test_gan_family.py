@@ -89,10 +89,15 @@ def test_bad_configs_are_clear_errors(family, assignments, match, tmp_path, caps
     assert not (tmp_path / "w").exists()
 
 
-def test_grid_gets_fourier_features_and_r1_unless_set():
-    ring = run.configure(gan.FAMILY, "default").model
-    grid = run.configure(gan.FAMILY, "default", ["data.dataset=grid"]).model
-    assert (ring.fourier_features, ring.r1_gamma) == (0, 0.0)
-    assert (grid.fourier_features, grid.r1_gamma) == (128, 1.0)
-    plain = run.configure(gan.FAMILY, "default", ["data.dataset=grid", "model.r1_gamma=0"])
+def test_grid_gets_fourier_features_r1_and_smaller_updates_unless_set():
+    ring = run.configure(gan.FAMILY, "default")
+    grid = run.configure(gan.FAMILY, "default", ["data.dataset=grid"])
+    assert (ring.model.fourier_features, ring.model.r1_gamma) == (0, 0.0)
+    assert (grid.model.fourier_features, grid.model.r1_gamma) == (128, 1.0)
+    assert (ring.data.global_batch_size, ring.run.steps) == (512, 10_000)
+    assert (grid.data.global_batch_size, grid.run.steps) == (128, 30_000)
+    plain = run.configure(
+        gan.FAMILY, "default", ["data.dataset=grid", "model.r1_gamma=0", "run.steps=500"]
+    )
     assert (plain.model.fourier_features, plain.model.r1_gamma) == (128, 0.0)
+    assert (plain.data.global_batch_size, plain.run.steps) == (128, 500)
