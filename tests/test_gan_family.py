@@ -89,15 +89,20 @@ def test_bad_configs_are_clear_errors(family, assignments, match, tmp_path, caps
     assert not (tmp_path / "w").exists()
 
 
-def test_grid_gets_fourier_features_r1_and_smaller_updates_unless_set():
+def test_grid_gets_fourier_features_r1_faster_rates_and_smaller_updates_unless_set():
     ring = run.configure(gan.FAMILY, "default")
     grid = run.configure(gan.FAMILY, "default", ["data.dataset=grid"])
     assert (ring.model.fourier_features, ring.model.r1_gamma) == (0, 0.0)
     assert (grid.model.fourier_features, grid.model.r1_gamma) == (128, 1.0)
+    assert (ring.model.g_lr, ring.model.d_lr) == (1e-4, 1e-4)
+    assert (grid.model.g_lr, grid.model.d_lr) == (2e-4, 2e-4)
     assert (ring.data.global_batch_size, ring.run.steps) == (512, 10_000)
     assert (grid.data.global_batch_size, grid.run.steps) == (128, 30_000)
     plain = run.configure(
-        gan.FAMILY, "default", ["data.dataset=grid", "model.r1_gamma=0", "run.steps=500"]
+        gan.FAMILY,
+        "default",
+        ["data.dataset=grid", "model.r1_gamma=0", "model.g_lr=1e-4", "run.steps=500"],
     )
     assert (plain.model.fourier_features, plain.model.r1_gamma) == (128, 0.0)
+    assert (plain.model.g_lr, plain.model.d_lr) == (1e-4, 2e-4)
     assert (plain.data.global_batch_size, plain.run.steps) == (128, 500)
