@@ -20,6 +20,7 @@ checkpoint may carry no data position (a run started from given parameters,
 """
 
 import json
+import logging
 import os
 import pathlib
 import re
@@ -290,13 +291,14 @@ def _reason(error: Exception) -> str:
 
 
 def _ignore_reads_left_in_flight() -> None:
-    """Silences the callbacks of reads a failed restore left in flight.
+    """Silences what the reads a failed restore left in flight report afterwards.
 
-    When one tensor of a step fails to read, orbax closes its event loop while
-    tensorstore still reads the others; each of those then reports "Event loop
-    is closed" through ``sys.unraisablehook``, a traceback apiece, long after
-    the step was skipped. Only that error is dropped; any other goes to the
-    previous hook.
+    When one tensor of a step fails to read, orbax stops waiting and closes its
+    event loop while tensorstore still reads the others. Each of those later
+    reports, a traceback apiece and long after the step was skipped, either
+    "Event loop is closed" through ``sys.unraisablehook`` or, if it failed too,
+    asyncio's "Task (or Future) exception was never retrieved" when collected.
+    Only these two reports are dropped; anything else goes through as before.
     """
     previous = sys.unraisablehook
     if getattr(previous, "ignores_closed_loop", False):
@@ -314,6 +316,18 @@ def _ignore_reads_left_in_flight() -> None:
 
     hook.ignores_closed_loop = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_unretrieved_read_failure)
+
+
+def _unretrieved_read_failure(record: logging.LogRecord) -> bool:
+    """False (drop) for asyncio's report of a tensorstore read whose failure nobody awaited.
+
+    orbax awaits every read of a restore that succeeds, so such a report can
+    only come from a step already skipped.
+    """
+    error = record.exc_info[1] if record.exc_info else None
+    unretrieved = "exception was never retrieved" in record.getMessage()
+    return not (unretrieved and "tensorstore_spec" in str(error))
 
 
 def _remove_unfinished_saves(directory: str) -> None:
