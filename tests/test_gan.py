@@ -70,32 +70,38 @@ def assert_changed(a, b):
 
 @pytest.mark.parametrize("name", gan.LOSS_NAMES)
 def test_losses_equal_their_formulas_at_known_logits(name):
-    real, fake = np.array([2.0, -1.0, 0.5]), np.array([-3.0, 0.0, 1.5, 4.0])
+    real, fake = np.array([2.0, -1.0, 0.5]), np.array([-3.0, 0.0, 1.5])
     p_real, p_fake = 1 / (1 + np.exp(-real)), 1 / (1 + np.exp(-fake))  # σ(D(·))
+    p_pair = 1 / (1 + np.exp(fake - real))  # σ(D(x) − D(G(z))): the pair's real is real
     d_expected = {
         "minimax": -np.mean(np.log(p_real)) - np.mean(np.log(1 - p_fake)),
         "nonsaturating": -np.mean(np.log(p_real)) - np.mean(np.log(1 - p_fake)),
         "hinge": np.mean(np.maximum(0, 1 - real)) + np.mean(np.maximum(0, 1 + fake)),
+        "relativistic": -np.mean(np.log(p_pair)),
     }[name]
     g_expected = {
         "minimax": np.mean(np.log(1 - p_fake)),
         "nonsaturating": -np.mean(np.log(p_fake)),
         "hinge": -np.mean(fake),
+        "relativistic": -np.mean(np.log(1 - p_pair)),
     }[name]
     d_loss, g_loss = gan.LOSSES[name]
+    if name in gan.PAIRED_LOSSES:
+        g_loss = functools.partial(g_loss, jnp.asarray(real))
     np.testing.assert_allclose(d_loss(jnp.asarray(real), jnp.asarray(fake)), d_expected, rtol=1e-6)
     np.testing.assert_allclose(g_loss(jnp.asarray(fake)), g_expected, rtol=1e-6)
-    if name == "hinge":  # by hand: (0 + 2 + 0.5)/3 + (0 + 1 + 2.5 + 5)/4
-        np.testing.assert_allclose(d_loss(jnp.asarray(real), jnp.asarray(fake)), 2.5 / 3 + 8.5 / 4)
+    if name == "hinge":  # by hand: (0 + 2 + 0.5)/3 + (0 + 1 + 2.5)/3
+        np.testing.assert_allclose(d_loss(jnp.asarray(real), jnp.asarray(fake)), 2.0)
 
 
-def test_r1_penalty_equals_closed_forms():
+def test_gradient_penalty_equals_closed_forms():
     gamma, x = 3.0, normal((6, 2))
     # Linear D(x) = a·x + c: ∇ₓD = a everywhere, so R1 = γ/2 ‖a‖², and ∂R1/∂a = γ a.
     linear = lambda p, x: x @ p["a"] + p["c"]
     p = {"a": jnp.array([0.5, -2.0]), "c": jnp.array(1.0)}
-    np.testing.assert_allclose(gan.r1_penalty(linear, p, x, gamma=gamma), 1.5 * 4.25, rtol=1e-6)
-    grad = jax.grad(lambda p: gan.r1_penalty(linear, p, x, gamma=gamma))(p)
+    penalty = lambda p: gan.gradient_penalty(linear, p, x, gamma=gamma)
+    np.testing.assert_allclose(penalty(p), 1.5 * 4.25, rtol=1e-6)
+    grad = jax.grad(penalty)(p)
     np.testing.assert_allclose(grad["a"], gamma * p["a"], rtol=1e-6)
     np.testing.assert_allclose(grad["c"], 0.0)
     # Quadratic D(u) = ½ uᵀAu on packs u of 2 points: ∇ᵤD = ½(A + Aᵀ)u, the mean over packs.
@@ -104,7 +110,8 @@ def test_r1_penalty_equals_closed_forms():
     u = np.asarray(x).reshape(3, 4)
     grads = u @ (0.5 * (np.asarray(A) + np.asarray(A).T)).T
     expected = 0.5 * gamma * np.mean(np.sum(grads**2, axis=1))
-    np.testing.assert_allclose(gan.r1_penalty(quadratic, A, x, gamma=gamma), expected, rtol=1e-5)
+    penalty = gan.gradient_penalty(quadratic, A, x, gamma=gamma)
+    np.testing.assert_allclose(penalty, expected, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- spectral norm
@@ -238,6 +245,20 @@ def test_sample_is_the_generator_of_standard_normal_latents():
     np.testing.assert_array_equal(*both(init(CONV).g_params))
 
 
+def test_uniform_latents_are_bounded_with_unit_variance_and_drive_sample():
+    cfg = dataclasses.replace(TINY, latent_distribution="uniform")
+    z = np.asarray(gan.draw_latents(cfg, 200_000, jax.random.key(4)))
+    assert np.abs(z).max() <= np.sqrt(3) and np.abs(z).max() > 0.999 * np.sqrt(3)
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=0.01)
+    np.testing.assert_allclose(z.var(0), 1.0, atol=0.01)
+    normal_z = gan.draw_latents(TINY, 5, jax.random.key(4))
+    np.testing.assert_array_equal(normal_z, jax.random.normal(jax.random.key(4), (5, 2)))
+    g_params = init(cfg).g_params
+    x = gan.sample(cfg, g_params, 5, key=jax.random.key(4))
+    z_BZ = gan.draw_latents(cfg, 5, jax.random.key(4))
+    np.testing.assert_allclose(x, gan.generate(cfg, g_params, z_BZ), rtol=1e-6)
+
+
 def test_param_axes_shard_the_state():
     mesh = meshlib.make_mesh("data=2,fsdp=4")
     axes = gan.param_axes(MLP)
@@ -275,6 +296,24 @@ def test_each_step_changes_only_its_own_network(cfg):
         assert_changed(getattr(after_g, field), getattr(state, field))
     assert float(d_metrics["r1"]) > 0
     assert all(np.isfinite(v) for v in jax.tree.leaves({**d_metrics, **g_metrics}))
+
+
+def test_r2_and_the_paired_loss_read_the_steps_own_fakes_and_reals():
+    cfg = dataclasses.replace(TINY, loss="relativistic", r1_gamma=0.5, r2_gamma=2.0, pack=2)
+    state, batch, key = init(cfg), batch_for(cfg, 16), jax.random.key(5)
+    _, d_metrics = jitted(gan.discriminator_step, cfg)(state, batch, key=key)
+    _, g_metrics = jitted(gan.generator_step, cfg)(state, batch, key=key)
+    # Each step draws its latents from its key: the same fakes again, by hand.
+    fakes = gan.generate(cfg, state.g_params, jax.random.normal(key, (16, cfg.latent)))
+    d_apply = functools.partial(gan.discriminate, cfg)
+    real, fake = d_apply(state.d_params, batch["x"]), d_apply(state.d_params, fakes)
+    r1 = gan.gradient_penalty(d_apply, state.d_params, batch["x"], gamma=0.5)
+    r2 = gan.gradient_penalty(d_apply, state.d_params, fakes, gamma=2.0)
+    np.testing.assert_allclose(d_metrics["r2"], r2, rtol=1e-5)
+    assert float(r2) > 0 and not np.isclose(r2, 4 * r1)  # at the fakes, not the reals
+    d_loss = gan.relativistic_d_loss(real, fake) + r1 + r2
+    np.testing.assert_allclose(d_metrics["d_loss"], d_loss, rtol=1e-5)
+    np.testing.assert_allclose(g_metrics["g_loss"], gan.relativistic_g_loss(real, fake), rtol=1e-5)
 
 
 def test_make_step_is_two_discriminator_steps_then_a_generator_step():
@@ -380,7 +419,9 @@ def test_training_on_the_ring_moves_samples_onto_it():
     [
         (dict(arch="gru"), "choose one of"),
         (dict(loss="wasserstein"), "choose one of"),
-        (dict(r1_gamma=-1.0), "0 turns R1 off"),
+        (dict(latent_distribution="cauchy"), "choose one of"),
+        (dict(r1_gamma=-1.0), "0 turns each off"),
+        (dict(r2_gamma=-1.0), "0 turns each off"),
         (dict(pack=0), "1: no packing"),
         (dict(d_steps=0), "must be >= 1"),
         (dict(ema_decay=1.0), r"in \[0, 1\)"),

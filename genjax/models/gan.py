@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, NoReturn
 
@@ -38,14 +39,18 @@ from genjax import train
 from genjax.nn.gan_nets import ConvDiscriminator, ConvGenerator, MLPDiscriminator, MLPGenerator
 
 ARCHS = ("mlp", "conv")
-LOSS_NAMES = ("minimax", "nonsaturating", "hinge")  # see LOSSES
+LATENT_DISTRIBUTIONS = ("normal", "uniform")
+LOSS_NAMES = ("minimax", "nonsaturating", "hinge", "relativistic")  # see LOSSES
 
 
 @dataclasses.dataclass(frozen=True)
 class GANConfig:
     arch: str = "mlp"  # mlp (2-D points) | conv (images)
     shape: tuple[int, ...] = (2,)  # one example: (D,) for mlp, (H, W, C) for conv
-    latent: int = 2  # Z, of a standard normal (PacGAN's 2-D runs: 2)
+    latent: int = 2  # Z (PacGAN's 2-D runs: 2)
+    # The latents' law: normal, or uniform on [−√3, √3]^Z (bounded, unit variance; DCGAN
+    # drew uniform latents).
+    latent_distribution: str = "normal"
     g_hidden: int = 400  # mlp: the generator's hidden units and layers (PacGAN: 4 × 400)
     g_layers: int = 4
     g_batch_norm: bool = False  # mlp: batch-normalize the generator's hidden layers (PacGAN)
@@ -62,15 +67,16 @@ class GANConfig:
     fourier_scale: float = 1.0
     channels: tuple[int, ...] = (32, 64)  # conv: per resolution, full size first
     groups: int = 8  # conv: GroupNorm groups of the generator
-    loss: str = "nonsaturating"  # minimax | nonsaturating | hinge
+    loss: str = "nonsaturating"  # minimax | nonsaturating | hinge | relativistic
     r1_gamma: float = 0.0  # γ of the R1 penalty on real data; 0 turns it off
+    r2_gamma: float = 0.0  # γ of the same penalty on the fakes (R2); 0 turns it off
     spectral_norm: bool = False  # divide every discriminator weight by its σ̂
     pack: int = 1  # M: examples per discriminator input (PacGAN); 1 is a plain GAN
     d_steps: int = 1  # discriminator updates per generator update
     ema_decay: float = 0.999  # per generator update; samples come from the EMA weights
     # The data's scale: the generator's output is multiplied by it and the
-    # discriminator's input divided, so both networks work at unit scale (the 2-D
-    # family sets it to the mixture's spread over the ring's).
+    # discriminator's input divided, so both networks can work at unit scale (every
+    # preset keeps 1: the grid's Fourier features are sized for its units as they are).
     data_scale: float = 1.0
     # conv: DiffAugment's translation (Zhao et al., 2020): every image the discriminator
     # reads, real or fake, shifted by up to an eighth of its size, differentiably, so a
@@ -93,6 +99,11 @@ class GANConfig:
 
         if self.arch not in ARCHS:
             bad(f"arch={self.arch!r}; choose one of {ARCHS}")
+        if self.latent_distribution not in LATENT_DISTRIBUTIONS:
+            bad(
+                f"latent_distribution={self.latent_distribution!r}; choose one of "
+                f"{LATENT_DISTRIBUTIONS}"
+            )
         if self.loss not in LOSS_NAMES:
             bad(f"loss={self.loss!r}; choose one of {LOSS_NAMES}")
         for name in ("latent", "g_hidden", "g_layers", "d_hidden", "d_layers", "groups"):
@@ -107,8 +118,11 @@ class GANConfig:
             )
         if self.fourier_features and self.arch != "mlp":
             bad("fourier_features are the mlp discriminator's input; set it to 0 for conv")
-        if self.r1_gamma < 0:
-            bad(f"r1_gamma={self.r1_gamma} must be >= 0 (0 turns R1 off)")
+        if min(self.r1_gamma, self.r2_gamma) < 0:
+            bad(
+                f"r1_gamma={self.r1_gamma} and r2_gamma={self.r2_gamma} must be >= 0 "
+                "(0 turns each off)"
+            )
         if self.pack < 1:
             bad(f"pack={self.pack} must be >= 1 (1: no packing)")
         if self.data_scale <= 0:
@@ -228,24 +242,41 @@ def hinge_g_loss(fake_logits: jax.Array) -> jax.Array:
     return -jnp.mean(fake_logits)
 
 
-# name -> (discriminator loss of (real, fake) logits, generator loss of fake logits)
+def relativistic_d_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+    """E softplus(D(G(z)) − D(x)): each real input paired with a fake one, the
+    discriminator judges which of the two is real (RpGAN: Jolicoeur-Martineau 2019;
+    with R1 and R2 the loss of R3GAN, Huang et al. 2024)."""
+    return jnp.mean(jax.nn.softplus(fake_logits - real_logits))
+
+
+def relativistic_g_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Array:
+    """E softplus(D(x) − D(G(z))): the same pairs, the other side; the generator step
+    binds the real logits first, so it too is a loss of the fake logits."""
+    return jnp.mean(jax.nn.softplus(real_logits - fake_logits))
+
+
+# name -> (discriminator loss of (real, fake) logits, generator loss of fake logits,
+# after the real logits for the paired loss)
 LOSSES: dict[str, tuple[Callable, Callable]] = {
     "minimax": (minimax_d_loss, minimax_g_loss),
     "nonsaturating": (minimax_d_loss, nonsaturating_g_loss),
     "hinge": (hinge_d_loss, hinge_g_loss),
+    "relativistic": (relativistic_d_loss, relativistic_g_loss),
 }
+PAIRED_LOSSES = ("relativistic",)  # each fake's loss reads the real input paired with it
 
 
-def r1_penalty(
-    d_apply: Callable[[Any, jax.Array], jax.Array], d_params: Any, x_real: jax.Array, *, gamma
+def gradient_penalty(
+    d_apply: Callable[[Any, jax.Array], jax.Array], d_params: Any, x: jax.Array, *, gamma
 ) -> jax.Array:
-    """γ/2 · E_x ‖∇ₓ D(x)‖² over real data (Mescheder et al. 2018, Eq. 9).
+    """γ/2 · E_x ‖∇ₓ D(x)‖² over the examples x: R1 on real data, R2 on the fakes
+    (Mescheder et al. 2018, Eq. 9 and 10).
 
     ``d_apply(d_params, x [B, ...]) -> logits [N]``, where logit n reads only its own
     rows of x (with packing, N = B/M): then one backward pass of Σ logits gives every
     input's gradient, and the expectation is over the N inputs of the discriminator.
     """
-    logits, vjp = jax.vjp(lambda x: d_apply(d_params, x), x_real)
+    logits, vjp = jax.vjp(lambda x: d_apply(d_params, x), x)
     (grad,) = vjp(jnp.ones_like(logits))
     return 0.5 * gamma * jnp.sum(jnp.square(grad)) / logits.size
 
@@ -407,12 +438,20 @@ def discriminate(cfg: GANConfig, d_weights: dict, x: jax.Array, label_B=None) ->
     return discriminator(cfg, d_weights)(pack(x / cfg.data_scale, cfg.pack), label_B)
 
 
+def draw_latents(cfg: GANConfig, num: int, key: jax.Array) -> jax.Array:
+    """z [num, Z] from the latent distribution."""
+    if cfg.latent_distribution == "uniform":
+        bound = math.sqrt(3.0)
+        return jax.random.uniform(key, (num, cfg.latent), minval=-bound, maxval=bound)
+    return jax.random.normal(key, (num, cfg.latent))
+
+
 def sample(cfg: GANConfig, g_params: dict, num: int, *, key: jax.Array, label_B=None):
-    """``num`` samples G(z), z ~ N(0, I); a conditional generator draws classes
-    0, 1, …, K−1, 0, … unless given labels [num]."""
+    """``num`` samples G(z) of latents z from ``draw_latents``; a conditional generator
+    draws classes 0, 1, …, K−1, 0, … unless given labels [num]."""
     if cfg.num_classes and label_B is None:
         label_B = jnp.arange(num, dtype=jnp.int32) % cfg.num_classes
-    z_BZ = jax.random.normal(key, (num, cfg.latent))
+    z_BZ = draw_latents(cfg, num, key)
     return generate(cfg, g_params, z_BZ, label_B)
 
 
@@ -472,10 +511,10 @@ def _labels(cfg: GANConfig, batch) -> jax.Array | None:
 def discriminator_step(cfg: GANConfig, state: State, batch, *, key: jax.Array):
     """One discriminator update on ``batch`` ({"x": real [B, ...], "label": [B] when
     conditional}) against B fresh fakes for the same labels: its loss (+ R1 on the
-    real examples) through the spectrally normalized weights, whose vectors advance
+    real examples, R2 on the fakes) through the spectrally normalized weights, whose vectors advance
     one power iteration. Only d_params, d_opt_state and d_sn_state change."""
     x_real, label_B = batch["x"], _labels(cfg, batch)
-    z_BZ = jax.random.normal(key, (x_real.shape[0], cfg.latent))
+    z_BZ = draw_latents(cfg, x_real.shape[0], key)
     x_fake = generate(cfg, state.g_params, z_BZ, label_B)  # only d_params are differentiated
     d_loss_fn, _ = LOSSES[cfg.loss]
 
@@ -487,11 +526,14 @@ def discriminator_step(cfg: GANConfig, state: State, batch, *, key: jax.Array):
         weights, sn_state = spectral_normalize(d_params, state.d_sn_state)
         d_apply = lambda w, x: discriminate(cfg, w, x, label_B)
         real, fake = d_apply(weights, x_real), d_apply(weights, x_fake)
-        r1 = jnp.zeros(())
+        r1 = r2 = jnp.zeros(())
         if cfg.r1_gamma:
-            r1 = r1_penalty(d_apply, weights, x_real, gamma=cfg.r1_gamma)
-        loss = d_loss_fn(real, fake) + r1
-        return loss, (sn_state, {"r1": r1, "d_real": jnp.mean(real), "d_fake": jnp.mean(fake)})
+            r1 = gradient_penalty(d_apply, weights, x_real, gamma=cfg.r1_gamma)
+        if cfg.r2_gamma:
+            r2 = gradient_penalty(d_apply, weights, x_fake, gamma=cfg.r2_gamma)
+        loss = d_loss_fn(real, fake) + r1 + r2
+        aux = {"r1": r1, "r2": r2, "d_real": jnp.mean(real), "d_fake": jnp.mean(fake)}
+        return loss, (sn_state, aux)
 
     (loss, (sn_state, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.d_params)
     d_params, d_opt_state = train.apply_gradients(
@@ -507,9 +549,14 @@ def generator_step(cfg: GANConfig, state: State, batch, *, key: jax.Array):
     scored by the discriminator as it stands (its vectors read, not stored), then
     the EMA. Only g_params, g_opt_state and g_ema change."""
     label_B = _labels(cfg, batch)
-    z_BZ = jax.random.normal(key, (batch["x"].shape[0], cfg.latent))
+    z_BZ = draw_latents(cfg, batch["x"].shape[0], key)
     weights, _ = spectral_normalize(state.d_params, state.d_sn_state)
     _, g_loss_fn = LOSSES[cfg.loss]
+    if cfg.loss in PAIRED_LOSSES:  # the real side of each pair: constants to the generator
+        x_real = batch["x"]
+        if cfg.augment:
+            x_real = translate(x_real, jax.random.fold_in(key, 2))
+        g_loss_fn = functools.partial(g_loss_fn, discriminate(cfg, weights, x_real, label_B))
 
     def loss_fn(g_params):
         fake = generate(cfg, g_params, z_BZ, label_B)
