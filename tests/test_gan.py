@@ -334,6 +334,29 @@ def test_make_step_is_two_discriminator_steps_then_a_generator_step():
     assert int(out.step) == 1
 
 
+def test_rates_hold_then_fall_to_zero_counting_each_players_updates():
+    assert gan.learning_rate(TINY, 1e-3, 1) == 1e-3  # lr_decay=0: constant
+    cfg = dataclasses.replace(TINY, lr_decay=0.25, total_steps=400)
+    g_rate, d_rate = gan.learning_rate(cfg, 1.0, 1), gan.learning_rate(cfg, 1.0, 2)
+    np.testing.assert_allclose([g_rate(n) for n in (0, 300, 350, 400, 500)], [1, 1, 0.5, 0, 0])
+    np.testing.assert_allclose([d_rate(n) for n in (0, 600, 700, 800)], [1, 1, 0.5, 0])
+    with pytest.raises(ValueError, match="set total_steps"):
+        gan.learning_rate(dataclasses.replace(cfg, total_steps=0), 1.0, 1)
+
+
+def test_steps_past_the_decay_leave_both_networks_as_they_are():
+    # One step's worth of decay: the generator's rate is 0 from its 2nd update, the
+    # discriminator's (two updates a step) from its 3rd: step 1 moves both, step 2 neither.
+    cfg = dataclasses.replace(MLP, lr_decay=1.0, total_steps=1)
+    step, state = jitted_step(cfg), init(cfg)
+    first, _ = step(state, batch_for(cfg, 32, seed=0))
+    second, _ = step(first, batch_for(cfg, 32, seed=1))
+    for field in ("g_params", "d_params"):
+        assert_changed(getattr(first, field), getattr(state, field))
+        chex.assert_trees_all_equal(getattr(second, field), getattr(first, field))
+    assert_changed(second.g_ema, first.g_ema)  # still averaging toward the last weights
+
+
 def assert_sharded_step_equals_one_device(cfg: gan.GANConfig, mesh_spec: str):
     batch, init_fn = batch_for(cfg, 32), functools.partial(gan.init, cfg)
     mesh = meshlib.make_mesh(mesh_spec)
@@ -436,6 +459,8 @@ def test_training_on_the_ring_moves_samples_onto_it():
         (dict(latent=0), "must be >= 1"),
         (dict(g_lr=0.0), "must be > 0"),
         (dict(b1=1.0), r"in \[0, 1\)"),
+        (dict(lr_decay=1.5), r"in \[0, 1\] \(0: constant rates\)"),
+        (dict(total_steps=-1), "the run's updates"),
         (dict(shape=(8, 8, 1)), "use arch='conv'"),
         (dict(arch="conv", shape=(2,)), r"shape=\(H, W, C\)"),
         (dict(arch="conv", shape=(6, 6, 1), channels=(8, 16, 32)), "use fewer channels"),

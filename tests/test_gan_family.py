@@ -51,13 +51,16 @@ def test_sharded_training_equals_one_device():
     )
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+# Constant rates, and rates decaying over the second half of 40 updates (total_steps
+# set, so the first part's --steps 20 keeps the whole run's schedule).
+@pytest.mark.parametrize("rates", [[], ["--set", "model.lr_decay=0.5", "model.total_steps=40"]])
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, rates):
     """Stopped after its first checkpoint and run again, a run logs the same losses and
-    ends with the same generator, discriminator and both optimizers' moments."""
+    ends with the same generator, discriminator and both optimizers' states."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    tiny = ["--preset", "tiny"]
+    tiny = ["--preset", "tiny", *rates]
     assert run.main(gan.FAMILY, ["--workdir", str(whole), *tiny]) == 0
-    assert run.main(gan.FAMILY, ["--workdir", str(parts), *tiny, "--steps", "20"]) == 0
+    assert run.main(gan.FAMILY, ["--workdir", str(parts), "--steps", "20", *tiny]) == 0
     assert run.main(gan.FAMILY, ["--workdir", str(parts), *tiny]) == 0
 
     def losses(workdir):
@@ -89,13 +92,17 @@ def test_bad_configs_are_clear_errors(family, assignments, match, tmp_path, caps
     assert not (tmp_path / "w").exists()
 
 
-def test_grid_gets_fourier_features_r1_faster_rates_and_smaller_updates_unless_set():
+def test_grid_gets_its_model_rates_and_smaller_updates_unless_set():
     ring = run.configure(gan.FAMILY, "default")
     grid = run.configure(gan.FAMILY, "default", ["data.dataset=grid"])
     assert (ring.model.fourier_features, ring.model.r1_gamma) == (0, 0.0)
     assert (grid.model.fourier_features, grid.model.r1_gamma) == (128, 1.0)
     assert (ring.model.g_lr, ring.model.d_lr) == (1e-4, 1e-4)
     assert (grid.model.g_lr, grid.model.d_lr) == (2e-4, 2e-4)
+    assert (ring.model.latent_distribution, grid.model.latent_distribution) == ("normal", "uniform")
+    # The grid's rates fall over the second half of its run; the ring's stay constant.
+    assert (ring.model.lr_decay, ring.model.total_steps) == (0.0, 0)
+    assert (grid.model.lr_decay, grid.model.total_steps) == (0.5, 30_000)
     assert (ring.data.global_batch_size, ring.run.steps) == (512, 10_000)
     assert (grid.data.global_batch_size, grid.run.steps) == (128, 30_000)
     plain = run.configure(
@@ -106,3 +113,8 @@ def test_grid_gets_fourier_features_r1_faster_rates_and_smaller_updates_unless_s
     assert (plain.model.fourier_features, plain.model.r1_gamma) == (128, 0.0)
     assert (plain.model.g_lr, plain.model.d_lr) == (1e-4, 2e-4)
     assert (plain.data.global_batch_size, plain.run.steps) == (128, 500)
+    assert plain.model.total_steps == 500  # the schedule spans the run it is given
+    constant = run.configure(gan.FAMILY, "default", ["data.dataset=grid", "model.lr_decay=0"])
+    assert constant.model.total_steps == 0
+    digits = run.configure(gan.IMAGES, "tiny", ["model.lr_decay=0.5"])
+    assert digits.model.total_steps == digits.run.steps == 20

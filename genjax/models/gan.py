@@ -84,14 +84,19 @@ class GANConfig:
     # to shift its images, since its fakes are shifted the same way.
     augment: bool = False
     num_classes: int = 0  # K > 0: class-conditional G and a projection discriminator
-    # Adam for both players, constant learning rates (two time scales allowed: TTUR).
-    # β1 below 0.9: DCGAN (Radford et al. 2016) found 0.9 oscillated and 0.5 stabilized;
-    # momentum averages gradients against an opponent that has since moved. R1 and
-    # hinge + spectral norm setups go further, to β1 = 0 (StyleGAN2, projection D).
+    # Adam for both players (two time scales allowed: TTUR). β1 below 0.9: DCGAN
+    # (Radford et al. 2016) found 0.9 oscillated and 0.5 stabilized; momentum averages
+    # gradients against an opponent that has since moved. R1 and hinge + spectral norm
+    # setups go further, to β1 = 0 (StyleGAN2, projection D).
     g_lr: float = 2e-4
     d_lr: float = 2e-4
     b1: float = 0.5
     b2: float = 0.999
+    # Both rates held, then linear to 0 over the last lr_decay of total_steps generator
+    # updates (BigGAN-style annealing: a game at a small step stops circling and settles);
+    # 0 keeps them constant. total_steps is the run's (the GAN family sets it).
+    lr_decay: float = 0.0
+    total_steps: int = 0
 
     def __post_init__(self):
         def bad(msg: str) -> NoReturn:
@@ -142,6 +147,10 @@ class GANConfig:
             bad(f"g_lr={self.g_lr} and d_lr={self.d_lr} must be > 0")
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
             bad(f"b1={self.b1} and b2={self.b2} must be in [0, 1)")
+        if not 0 <= self.lr_decay <= 1:
+            bad(f"lr_decay={self.lr_decay} must be in [0, 1] (0: constant rates)")
+        if self.total_steps < 0:
+            bad(f"total_steps={self.total_steps} must be >= 0 (the run's updates)")
         if self.augment and self.arch != "conv":
             bad("augment translates images: use arch='conv', or augment=false")
         if self.arch == "mlp" and len(self.shape) != 1:
@@ -471,11 +480,28 @@ class State(NamedTuple):
     rng: jax.Array  # uint32 key data; step keys are fold_in(rng, step)
 
 
+def learning_rate(cfg: GANConfig, lr: float, updates_per_step: int) -> optax.ScalarOrSchedule:
+    """``lr``, constant or held and then linear to 0 (``cfg.lr_decay``), for a player
+    updated ``updates_per_step`` times per step: its Adam counts its own updates."""
+    if not cfg.lr_decay:
+        return lr
+    if cfg.total_steps < 1:  # the GAN family sets it; a config built by hand may not
+        raise ValueError(
+            f"gan config: lr_decay={cfg.lr_decay} decays over a fraction of total_steps="
+            f"{cfg.total_steps}; set total_steps to the run's updates (>= 1)"
+        )
+    decay = round(cfg.lr_decay * cfg.total_steps) * updates_per_step
+    hold = cfg.total_steps * updates_per_step - decay
+    return optax.join_schedules(
+        [optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, decay)], [hold]
+    )
+
+
 def make_optimizers(cfg: GANConfig) -> tuple[optax.GradientTransformation, ...]:
-    """(generator's, discriminator's) Adam: constant rates, no clipping or decay."""
+    """(generator's, discriminator's) Adam, no clipping or weight decay."""
     return (
-        optax.adam(cfg.g_lr, b1=cfg.b1, b2=cfg.b2),
-        optax.adam(cfg.d_lr, b1=cfg.b1, b2=cfg.b2),
+        optax.adam(learning_rate(cfg, cfg.g_lr, 1), b1=cfg.b1, b2=cfg.b2),
+        optax.adam(learning_rate(cfg, cfg.d_lr, cfg.d_steps), b1=cfg.b1, b2=cfg.b2),
     )
 
 
