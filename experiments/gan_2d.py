@@ -6,10 +6,11 @@ Command (resumes when re-run with the same --workdir):
 
 Hardware: a 2-core CPU, about 9 minutes. Expected on the ring (seed 0): 8/8 modes, 98.0%
 high quality, reverse KL 0.001. On the grid the discriminator also reads random Fourier
-features of the points, R1 keeps it smooth, the learning rates are doubled
-(genjax/gan.py's GRID_MODEL), and training takes 30,000 steps of 128 points in about the
-same time. Seeds 0–4 get 25/25 modes each, 94.6% high quality on average and 92.0% the
-worst (experiments/benchmarks/RESULTS.md):
+features of the points, R1 keeps it smooth, the latents are uniform, the learning rates
+are doubled and fall linearly to 0 over the second half of the run (genjax/gan.py's
+GRID_MODEL), and training takes 30,000 steps of 128 points in about the same time.
+Seeds 0–4 get 25/25 modes each, 96.4% high quality on average and 94.8% the worst
+(experiments/benchmarks/RESULTS.md):
 
     python experiments/gan_2d.py --workdir runs/gan-grid --dataset grid
 
@@ -26,7 +27,8 @@ Local smoke run (seconds):
 Any config field can be overridden with ``--set section.field=value`` (sections: model,
 data, run, sample; see genjax/gan.py and genjax/models/gan.py), e.g. a plain GAN:
 ``--set model.pack=1 model.fourier_features=0 model.r1_gamma=0`` (the last two only
-matter on the grid, which also takes PacGAN's rates back with ``model.g_lr=1e-4
+matter on the grid, which also takes PacGAN's normal latents and constant rates back
+with ``model.latent_distribution=normal model.lr_decay=0 model.g_lr=1e-4
 model.d_lr=1e-4``).
 """
 
