@@ -114,7 +114,7 @@ GRID_MODEL = {
 }
 # ... and more updates than the ring's 10,000: high quality was still rising when every
 # such run ended. A quarter of the batch takes 3 times the updates in about the same
-# time (56 against 18 updates a second on 2 cores; seed 0 takes 8 min 41 s alone).
+# time (56 against 18 updates a second on 2 cores; seed 0 takes 9 min 16 s alone).
 # Seeds 0–4 at 1e-4, high quality mean and worst: 70.6% and 62.3% after 10,000 updates
 # of 512; 91.4% and 88.1% after 30,000 of 128 (reverse KL 0.087 → 0.012).
 GRID_BATCH_DIVISOR, GRID_UPDATES_FACTOR = 4, 3

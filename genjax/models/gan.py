@@ -93,7 +93,7 @@ class GANConfig:
     b1: float = 0.5
     b2: float = 0.999
     # Both rates held, then linear to 0 over the last lr_decay of total_steps generator
-    # updates (BigGAN-style annealing: a game at a small step stops circling and settles);
+    # updates (pix2pix's and CycleGAN's schedule: at small steps the game settles);
     # 0 keeps them constant. total_steps is the run's (the GAN family sets it).
     lr_decay: float = 0.0
     total_steps: int = 0
