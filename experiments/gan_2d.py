@@ -7,9 +7,9 @@ Command (resumes when re-run with the same --workdir):
 Hardware: a 2-core CPU, about 9 minutes. Expected on the ring (seed 0): 8/8 modes, 98.0%
 high quality, reverse KL 0.001. On the grid the discriminator also reads random Fourier
 features of the points, R1 keeps it smooth, the latents are uniform, the learning rates
-are doubled and fall linearly to 0 over the second half of the run (genjax/gan.py's
+are tripled and fall linearly to 0 over the second half of the run (genjax/gan.py's
 GRID_MODEL), and training takes 30,000 steps of 128 points in about the same time.
-Seeds 0–4 get 25/25 modes each, 96.4% high quality on average and 94.8% the worst
+Seeds 0–4 get 25/25 modes each, 96.8% high quality on average and 96.5% the worst
 (experiments/benchmarks/RESULTS.md):
 
     python experiments/gan_2d.py --workdir runs/gan-grid --dataset grid

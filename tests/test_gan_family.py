@@ -98,7 +98,7 @@ def test_grid_gets_its_model_rates_and_smaller_updates_unless_set():
     assert (ring.model.fourier_features, ring.model.r1_gamma) == (0, 0.0)
     assert (grid.model.fourier_features, grid.model.r1_gamma) == (128, 1.0)
     assert (ring.model.g_lr, ring.model.d_lr) == (1e-4, 1e-4)
-    assert (grid.model.g_lr, grid.model.d_lr) == (2e-4, 2e-4)
+    assert (grid.model.g_lr, grid.model.d_lr) == (3e-4, 3e-4)
     assert (ring.model.latent_distribution, grid.model.latent_distribution) == ("normal", "uniform")
     # The grid's rates fall over the second half of its run; the ring's stay constant.
     assert (ring.model.lr_decay, ring.model.total_steps) == (0.0, 0)
@@ -111,7 +111,7 @@ def test_grid_gets_its_model_rates_and_smaller_updates_unless_set():
         ["data.dataset=grid", "model.r1_gamma=0", "model.g_lr=1e-4", "run.steps=500"],
     )
     assert (plain.model.fourier_features, plain.model.r1_gamma) == (128, 0.0)
-    assert (plain.model.g_lr, plain.model.d_lr) == (1e-4, 2e-4)
+    assert (plain.model.g_lr, plain.model.d_lr) == (1e-4, 3e-4)
     assert (plain.data.global_batch_size, plain.run.steps) == (128, 500)
     assert plain.model.total_steps == 500  # the schedule spans the run it is given
     constant = run.configure(gan.FAMILY, "default", ["data.dataset=grid", "model.lr_decay=0"])
