@@ -277,8 +277,15 @@ def plot_points(path, mixture: toy2d.Mixture, samples, metrics) -> None:
 def plot_images(
     path, levels: np.ndarray, images: imagelib.Images, metrics, labels: np.ndarray | None = None
 ) -> None:
-    """A grid of samples on the data's scale: with ``labels`` (the classes the samples
-    were drawn for), one row per class, else rows of 16."""
+    """Saves :func:`image_grid` to ``path``."""
+    fig = image_grid(levels, images, metrics, labels)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    pyplot().close(fig)
+
+
+def image_grid(levels: np.ndarray, images: imagelib.Images, metrics, labels=None):
+    """A figure of samples on the data's scale: with ``labels`` (the classes the samples
+    were drawn for), one row per class named at its left, else rows of 16."""
     plt = pyplot()
     pixels = levels[..., 0] if levels.shape[-1] == 1 else levels
     if labels is not None:  # each class's first ten samples
@@ -292,12 +299,12 @@ def plot_images(
             ax.axis("off")
         for ax, i in zip(axes[r], picks, strict=False):
             ax.imshow(pixels[i], cmap="gray_r", vmin=0, vmax=images.levels - 1)
-        if labels is not None:
-            axes[r][0].set_title(images.class_names[r], fontsize=6, loc="left")
+        if labels is not None:  # in the margin: a title would sit on the row above's digits
+            axes[r][0].text(-0.15, 0.5, images.class_names[r], transform=axes[r][0].transAxes,
+                            ha="right", va="center", fontsize=7)  # fmt: skip
     shown = ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if k in _SHOWN)
     fig.suptitle(f"{images.name}: {shown}", fontsize=7)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    return fig
 
 
 _SHOWN = ("frechet_distance", "class_coverage", "conditional_accuracy", "test_bits_per_dim")

@@ -217,3 +217,21 @@ def test_resume_from_state_continues_identically(digits, dequantize):
         got = next(resumed)
         np.testing.assert_array_equal(got["x"], want["x"])
         np.testing.assert_array_equal(got["label"], want["label"])
+
+
+def test_class_grid_names_each_row_whole_beside_its_digits(digits):
+    from genjax import generative
+
+    labels = np.resize(np.arange(10), 100)
+    samples = digits.train[:100]
+    fig = generative.image_grid(samples, digits, {"frechet_distance": 1.0}, labels)
+    renderer = fig.canvas.get_renderer()
+    rows = np.asarray(fig.axes).reshape(10, 10)
+    names = [t for ax in rows[:, 0] for t in ax.texts]
+    assert [t.get_text() for t in names] == list(digits.class_names)
+    for name, row in zip(names, rows, strict=True):
+        box = name.get_window_extent(renderer)
+        first = row[0].get_window_extent(renderer)
+        assert box.x1 < first.x0  # in the margin, not on a digit
+        assert first.y0 < (box.y0 + box.y1) / 2 < first.y1  # level with its row
+    generative.pyplot().close(fig)
