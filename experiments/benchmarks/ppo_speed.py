@@ -18,13 +18,15 @@ MLPs 2 × 64 tanh.
   after another; SB3 has no batched seeds, so its rate at N seeds is its 1-seed rate).
 
 Reported per side and seed count: environment steps/s (all seeds' steps over the run's
-wall time, the median of ``--reps`` runs), compile time (the first call's extra time for
-rejax, whose ``train`` is jitted inside), and the final return: genjax, the mean return
+wall time, the median of ``--reps`` runs in each of ``--rounds`` processes, the JAX
+sides taking turns), compile time (the first call's extra time for rejax, whose
+``train`` is jitted inside), and the final return: genjax, the mean return
 of the training episodes that ended in the last 10 updates; rejax, its own evaluation (128
 episodes of the final policy); SB3, the mean of its last 100 training episodes. Seeds at
 return ≥ 475 are counted. Ratios are genjax over each peer.
 
-    python experiments/benchmarks/ppo_speed.py --results experiments/benchmarks/RESULTS.md
+    python experiments/benchmarks/ppo_speed.py --rounds 3 \
+        --results experiments/benchmarks/RESULTS.md
     python experiments/benchmarks/ppo_speed.py --timesteps 8192 --seeds 2 --reps 1  # smoke
 
 Needs the ``bench`` extra (rejax, stable-baselines3 and torch==2.13.0, a CPU build);
@@ -79,13 +81,13 @@ def genjax_side(spec: dict) -> dict:
         t0 = time.perf_counter()
         compiled = fn.lower(args).compile()
         compile_s = time.perf_counter() - t0
-        run_s, _, (_, metrics) = timed_runs(
+        run_s, times, (_, metrics) = timed_runs(
             lambda c=compiled, a=args: jax.block_until_ready(c(a)), spec["reps"]
         )
         final = np.atleast_1d(ppo.final_return(metrics))
         steps = seeds * cfg.num_updates * cfg.steps_per_update
         rows[seeds] = {"steps_per_s": steps / run_s, "compile_s": compile_s, "run_s": run_s,
-                       "final_return": final.tolist()}  # fmt: skip
+                       "steps": steps, "times": times, "final_return": final.tolist()}  # fmt: skip
     return {"rows": rows, "versions": {"jax": jax.__version__}}
 
 
@@ -122,7 +124,7 @@ def rejax_side(spec: dict) -> dict:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(args))
         first_s = time.perf_counter() - t0
-        run_s, _, (_, (_, returns)) = timed_runs(
+        run_s, times, (_, (_, returns)) = timed_runs(
             lambda f=fn, a=args: jax.block_until_ready(f(a)), spec["reps"]
         )
         # returns: [(seeds,) evaluations, 128 episodes]; the last evaluation is the end.
@@ -130,7 +132,8 @@ def rejax_side(spec: dict) -> dict:
         per_update = h["num_envs"] * h["num_steps"]  # whole updates, as genjax counts them
         steps = seeds * (h["total_timesteps"] // per_update) * per_update
         rows[seeds] = {"steps_per_s": steps / run_s, "compile_s": max(first_s - run_s, 0.0),
-                       "run_s": run_s, "final_return": final.mean(-1).tolist()}  # fmt: skip
+                       "run_s": run_s, "steps": steps, "times": times,
+                       "final_return": final.mean(-1).tolist()}  # fmt: skip
     versions = {name: importlib.metadata.version(name) for name in ("rejax", "gymnax")}
     return {"rows": rows, "versions": versions}
 
@@ -168,6 +171,34 @@ def sb3_side(spec: dict) -> dict:
 CHILDREN = {"genjax": genjax_side, "rejax": rejax_side, "sb3": sb3_side}
 
 
+def run_rounds(sides: list[str], spec: dict, rounds: int) -> dict:
+    """Each side's result over ``rounds`` fresh processes, the JAX sides taking turns
+    (reversed order every other round) so that a machine slowing down over minutes
+    weighs on both; SB3 runs in the first round only. A side's rate is over the median
+    of every timed run of every round, its compile time the median of the rounds'."""
+    jax_sides = [s for s in sides if s != "sb3"]
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for r in range(rounds):
+        for side in (jax_sides if r % 2 == 0 else jax_sides[::-1]) + ["sb3"] * (
+            "sb3" in sides and r == 0
+        ):
+            runs[side].append(benchmarking.run_side(__file__, side, spec))
+    return {side: merge_rounds(results) for side, results in runs.items()}
+
+
+def merge_rounds(results: list[dict]) -> dict:
+    if len(results) == 1:
+        return results[0]
+    rows = {}
+    for seeds, first in results[0]["rows"].items():
+        times = [t for r in results for t in r["rows"][seeds]["times"]]
+        run_s = statistics.median(times)
+        compile_s = statistics.median(r["rows"][seeds]["compile_s"] for r in results)
+        rows[seeds] = first | {"steps_per_s": first["steps"] / run_s, "run_s": run_s,
+                               "compile_s": compile_s, "times": times}  # fmt: skip
+    return {"rows": rows, "versions": results[0]["versions"]}
+
+
 def table(results: dict, seed_counts: list[int], sb3_seeds: int) -> list[str]:
     lines = ["| side | seeds | env steps/s | genjax / side | compile s | final return: mean "
              f"/ worst | seeds ≥ {SOLVED:.0f} |", "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -193,26 +224,29 @@ def main(argv=None) -> None:
     p.add_argument("--timesteps", type=int, default=500_000)
     p.add_argument("--seeds", type=int, default=16, help="the batched run's seeds (and 1)")
     p.add_argument("--sb3-seeds", type=int, default=1, help="SB3 runs, one after another")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=3, help="timed runs per process")
+    p.add_argument("--rounds", type=int, default=1, help="processes per JAX side, in turns")
     p.add_argument("--threads", type=int, default=2, help="torch threads (SB3)")
     p.add_argument("--results", type=pathlib.Path, help="append the section to this RESULTS.md")
     args = p.parse_args(argv)
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     if not sides or set(sides) - set(SIDES):
         raise SystemExit(f"--sides: choose from {','.join(SIDES)}")
-    for name in ("timesteps", "seeds", "sb3_seeds", "reps", "threads"):
+    for name in ("timesteps", "seeds", "sb3_seeds", "reps", "rounds", "threads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     seed_counts = sorted({1, args.seeds})
     spec = {"timesteps": args.timesteps, "seed_counts": seed_counts, "reps": args.reps,
             "sb3_seeds": args.sb3_seeds, "threads": args.threads}  # fmt: skip
-    results = {side: benchmarking.run_side(__file__, side, spec) for side in sides}
+    results = run_rounds(sides, spec, args.rounds)
     versions = {"python": platform.python_version()}
     for r in results.values():
         versions.update(r["versions"])
     header = [
         f"CartPole-v1, {args.timesteps:,} environment steps per seed, 4 envs × 128 steps, "
-        f"4 epochs × 4 minibatches; median of {args.reps} runs (SB3: of {args.sb3_seeds})",
+        f"4 epochs × 4 minibatches; median of {args.rounds} × {args.reps} runs in "
+        f"{args.rounds} process{'es' * (args.rounds > 1)} a JAX side, taking turns "
+        f"(SB3: of {args.sb3_seeds})",
     ]
     benchmarking.report(
         "PPO on CartPole: genjax vs rejax vs stable-baselines3",
