@@ -283,7 +283,9 @@ def plot_images(
     pyplot().close(fig)
 
 
-def image_grid(levels: np.ndarray, images: imagelib.Images, metrics, labels=None):
+def image_grid(
+    levels: np.ndarray, images: imagelib.Images, metrics, labels: np.ndarray | None = None
+):
     """A figure of samples on the data's scale: with ``labels`` (the classes the samples
     were drawn for), one row per class named at its left, else rows of 16."""
     plt = pyplot()

@@ -179,14 +179,16 @@ def run_rounds(sides: list[str], spec: dict, rounds: int) -> dict:
     jax_sides = [s for s in sides if s != "sb3"]
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     for r in range(rounds):
-        for side in (jax_sides if r % 2 == 0 else jax_sides[::-1]) + ["sb3"] * (
-            "sb3" in sides and r == 0
-        ):
+        order = jax_sides if r % 2 == 0 else jax_sides[::-1]
+        if r == 0 and "sb3" in sides:
+            order = [*order, "sb3"]
+        for side in order:
             runs[side].append(benchmarking.run_side(__file__, side, spec))
     return {side: merge_rounds(results) for side, results in runs.items()}
 
 
 def merge_rounds(results: list[dict]) -> dict:
+    """One side's rounds as one result (see ``run_rounds``)."""
     if len(results) == 1:
         return results[0]
     rows = {}
