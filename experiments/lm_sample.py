@@ -72,14 +72,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.cpu_devices is not None:
-            if args.cpu_devices < 1:
-                raise ValueError(f"--cpu-devices={args.cpu_devices} must be >= 1")
-            try:
-                jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-            except RuntimeError:
-                raise ValueError(
-                    "--cpu-devices must be set before JAX starts in this process"
-                ) from None
+            meshlib.split_cpu(args.cpu_devices)
         prompts = read_prompts(args)
         if args.num_samples < 1:
             raise ValueError(f"--num-samples={args.num_samples} must be >= 1")

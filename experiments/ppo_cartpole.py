@@ -2,11 +2,13 @@
 
 Command:
 
-    python experiments/ppo_cartpole.py --workdir runs/ppo-cartpole --num-seeds 8
+    python experiments/ppo_cartpole.py --workdir runs/ppo-cartpole --num-seeds 8 --cpu-devices 2
 
 Hardware: a 2-core CPU; CartPole-v1 at purejaxrl's settings (4 environments × 128
 steps, 500,000 environment steps, 4 epochs × 4 minibatches) trains 8 seeds under
-``vmap`` in under a minute (48 s here; experiments/benchmarks/RESULTS.md). Writes
+``vmap`` in 12 s, 8 s more compiling (experiments/benchmarks/RESULTS.md). The seeds
+are spread over the devices (``ppo.shard_seeds``); ``--cpu-devices N`` makes a CPU N
+XLA devices, so that both cores work (27 s on one device). Writes
 ``DIR/returns.png`` (episodic return against environment steps, one line per seed)
 and ``DIR/returns.json``, and prints the final mean episodic return (of the episodes
 that ended in the last 10 updates, mean over seeds) and environment steps/s.
@@ -31,6 +33,7 @@ import jax
 import numpy as np
 
 from genjax import config as configlib
+from genjax import mesh as meshlib
 from genjax.generative import pyplot
 from genjax.rl import ppo
 
@@ -56,15 +59,21 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seeds seed .. seed + N − 1")
     p.add_argument("--env", default="CartPole-v1", help="any gymnax environment name")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
+    p.add_argument(
+        "--cpu-devices", type=int, default=None,
+        help="split the CPU into N XLA devices, the seeds spread over them (N = cores)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.num_seeds < 1:
         p.error(f"--num-seeds {args.num_seeds} must be >= 1")
     try:
+        if args.cpu_devices is not None:
+            meshlib.split_cpu(args.cpu_devices)
         cfg = configlib.override(ppo.PPOConfig(env=args.env), args.set)
         train = ppo.make_train(cfg)
     except ValueError as e:
         p.error(str(e))
-    keys = jax.random.split(jax.random.key(args.seed), args.num_seeds)
+    keys = ppo.shard_seeds(jax.random.split(jax.random.key(args.seed), args.num_seeds))
 
     t0 = time.perf_counter()
     compiled = jax.jit(jax.vmap(train)).lower(keys).compile()
@@ -83,15 +92,18 @@ def main(argv=None) -> int:
         "env": cfg.env, "seeds": args.num_seeds, "final_return": final.tolist(),
         "mean_final_return": float(final.mean()),
         "first_return": float(np.nanmean(curves[:, 0])), "env_steps": env_steps,
-        "env_steps_per_s": env_steps / run_s, "compile_s": compile_s, "run_s": run_s,
+        "env_steps_per_s": env_steps / run_s, "devices": len(keys.sharding.device_set),
+        "compile_s": compile_s, "run_s": run_s,
         "config": dataclasses.asdict(cfg),
     }  # fmt: skip
     (args.workdir / "returns.json").write_text(json.dumps(report, indent=2) + "\n")
     each = ", ".join(f"{r:.0f}" for r in final)
     print(f"{cfg.env}: final mean episodic return {final.mean():.1f} over {args.num_seeds} "
           f"seeds (worst {final.min():.1f}; each: {each})")  # fmt: skip
+    devices = len(keys.sharding.device_set)
     print(f"{env_steps:,} environment steps in {run_s:.1f} s: {env_steps / run_s:,.0f} steps/s "
-          f"(compile {compile_s:.1f} s) · {args.workdir / 'returns.png'}")  # fmt: skip
+          f"on {devices} device{'s' * (devices > 1)} (compile {compile_s:.1f} s) · "
+          f"{args.workdir / 'returns.png'}")  # fmt: skip
     return 0
 
 

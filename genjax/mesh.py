@@ -89,6 +89,19 @@ def make_mesh(spec: str = "data=-1", devices: Sequence[jax.Device] | None = None
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
+def split_cpu(num_devices: int) -> None:
+    """Makes the host CPU ``num_devices`` XLA devices (``jax_num_cpu_devices``), so a
+    mesh over them runs its shards on separate cores. XLA:CPU runs most of a small
+    program's operations on one thread; split, each device runs its own. It must come
+    before JAX's first operation in the process."""
+    if num_devices < 1:
+        raise ValueError(f"--cpu-devices={num_devices} must be >= 1")
+    try:
+        jax.config.update("jax_num_cpu_devices", num_devices)
+    except RuntimeError:
+        raise ValueError("--cpu-devices must be set before JAX starts in this process") from None
+
+
 def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
     """Maps logical axis names to a PartitionSpec by ``rules``; a mesh axis is used once."""
     used: set[str] = set()

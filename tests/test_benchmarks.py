@@ -199,9 +199,11 @@ def test_ppo_speed_benchmark_runs_the_genjax_side(tmp_path):
     results = tmp_path / "RESULTS.md"
     out = _run_script(
         "ppo_speed.py", "--sides", "genjax", "--timesteps", "2048", "--seeds", "2", "--reps",
-        "1", "--rounds", "2", "--results", str(results),
+        "1", "--rounds", "2", "--genjax-cpu-devices", "2", "--results", str(results),
     )  # fmt: skip
-    assert "\n| genjax | 1 | " in out.stdout and "\n| genjax | 2 | " in out.stdout, out.stdout
+    # One seed runs on one device, the two seeds one on each.
+    for row in ("\n| genjax | 1 | 1 | ", "\n| genjax | 2 | 2 | "):
+        assert row in out.stdout, out.stdout
     assert "median of 2 × 1 runs in 2 processes a JAX side" in out.stdout
     assert "## PPO on CartPole: genjax vs rejax vs stable-baselines3" in results.read_text()
     bad = [sys.executable, str(ROOT / BENCH / "ppo_speed.py"), "--sides", "nope"]

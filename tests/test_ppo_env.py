@@ -18,13 +18,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_cartpole_reaches_475_within_half_a_million_steps_in_most_of_8_seeds(tmp_path):
-    # The experiment as users run it, in its own process (it sets XLA's flags): purejaxrl's
-    # settings, 4 envs × 128 steps, 5e5 steps, 4 epochs × 4 minibatches, 8 seeds.
+    # The experiment as users run it, in its own process: purejaxrl's settings, 4 envs ×
+    # 128 steps, 5e5 steps, 4 epochs × 4 minibatches, 8 seeds over the CPU split in two.
     script = ROOT / "experiments" / "ppo_cartpole.py"
-    cmd = [sys.executable, str(script), "--workdir", str(tmp_path), "--num-seeds", "8"]
+    cmd = [sys.executable, str(script), "--workdir", str(tmp_path), "--num-seeds", "8",
+           "--cpu-devices", "2"]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    assert re.search(r"return \d+(\.\d+)?", out) and "steps/s" in out
+    assert re.search(r"return \d+(\.\d+)?", out) and "steps/s on 2 devices" in out
     report = json.loads((tmp_path / "returns.json").read_text())
+    assert report["devices"] == 2
     final = np.asarray(report["final_return"])
     assert len(final) == 8 and np.sum(final >= 475) >= 5, final
     assert (tmp_path / "returns.png").stat().st_size > 0
@@ -56,12 +58,44 @@ def test_episode_returns_average_the_episodes_that_ended():
     assert ppo.final_return(metrics, 3) == pytest.approx(40 / 3)
 
 
-def test_ppo_cartpole_refuses_an_unknown_environment(tmp_path):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--env", "NoSuchEnv-v0"], "unknown gymnax environment 'NoSuchEnv-v0'"),
+        (["--cpu-devices", "0"], "--cpu-devices=0 must be >= 1"),
+    ],
+)
+def test_ppo_cartpole_refuses_bad_arguments(tmp_path, args, message):
     script = ROOT / "experiments" / "ppo_cartpole.py"
-    cmd = [sys.executable, str(script), "--workdir", str(tmp_path), "--env", "NoSuchEnv-v0"]
+    cmd = [sys.executable, str(script), "--workdir", str(tmp_path), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "unknown gymnax environment 'NoSuchEnv-v0'" in proc.stderr
+    assert message in proc.stderr
+
+
+def test_seeds_spread_over_devices_train_as_on_one_device_and_never_communicate():
+    # conftest gives 8 CPU devices. Seeds share nothing, so spread over devices the
+    # program has no collective, and each seed's numbers are its one-device numbers (to
+    # float rounding: a device's matmuls see 1 seed, not 8). A clip fraction counts the
+    # entries on one side of a boundary, and rounding moves the few that sit on it (at
+    # the first minibatch a value equals its old value): each is 1/2048 of the mean.
+    train = jax.jit(jax.vmap(ppo.make_train(ppo.PPOConfig(total_timesteps=1024))))
+    keys = jax.random.split(jax.random.key(0), 8)
+    spread = ppo.shard_seeds(keys)
+    assert len(spread.sharding.device_set) == 8
+    hlo = train.lower(spread).compile().as_text()
+    assert not re.search(r"all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter", hlo)
+    params, metrics = train(spread)
+    assert len(params["actor"][0]["w"].sharding.device_set) == 8
+    one_params, one_metrics = train(jax.device_put(keys, jax.devices()[0]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 one_params, params)  # fmt: skip
+    for name, value in one_metrics.items():
+        atol = 4 / 2048 if name.endswith("fraction") else 1e-6
+        np.testing.assert_allclose(value, metrics[name], rtol=1e-4, atol=atol, err_msg=name)
+    # Seeds that do not split over all the devices use as many as divide them.
+    assert len(ppo.shard_seeds(keys[:6]).sharding.device_set) == 2
+    assert len(ppo.shard_seeds(keys[:3]).sharding.device_set) == 1
 
 
 @pytest.mark.parametrize("shape", [(4, 64), (64, 64), (64, 2)])

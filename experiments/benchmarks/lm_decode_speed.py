@@ -130,10 +130,10 @@ def run_configs(make_call, spec: dict) -> dict:
 def run_genjax(spec: dict) -> dict:
     import jax
 
-    if spec["genjax_cpu_devices"] > 1:  # before JAX starts its CPU client
-        jax.config.update("jax_num_cpu_devices", spec["genjax_cpu_devices"])
-
     from genjax import mesh as meshlib
+
+    if spec["genjax_cpu_devices"] > 1:  # before JAX starts its CPU client
+        meshlib.split_cpu(spec["genjax_cpu_devices"])
     from genjax.models import transformer
     from genjax.sampling import decode
 

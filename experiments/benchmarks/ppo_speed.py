@@ -7,12 +7,17 @@ linearly to 0 where the side can: genjax and SB3; rejax's is constant), γ 0.99,
 MLPs 2 × 64 tanh.
 
 - **genjax**: ``genjax.rl.ppo.make_train`` under ``jax.jit``, one seed and ``--seeds``
-  seeds under ``jax.vmap``; compile (lower + compile) timed apart from the run.
+  seeds under ``jax.vmap``; compile (lower + compile) timed apart from the run. With
+  ``--genjax-cpu-devices N`` the CPU is split into N XLA devices
+  (``genjax.mesh.split_cpu``) and the seeds spread over them (``ppo.shard_seeds``), as
+  ``ppo_cartpole.py --cpu-devices N`` runs them.
 - **rejax** 0.1.3: ``rejax.PPO.create(...).train`` under ``jax.jit`` (and ``vmap``),
   on gymnax's CartPole-v1 through a two-line adapter: rejax reads gymnax's older
   5-tuple ``step``, gymnax 1.0 returns termination and truncation apart (rejax then
   treats both as the end of the episode, as it always did). Its evaluation callback runs
-  once, at the end (``eval_freq`` = the whole run).
+  once, at the end (``eval_freq`` = the whole run). rejax has no way to spread seeds over
+  devices; ``--rejax-cpu-devices N`` gives it the same split by hand (its keys placed by
+  ``ppo.shard_seeds``), to show what the split alone is worth.
 - **sb3**: stable-baselines3's ``PPO("MlpPolicy")`` on gymnasium's CartPole-v1 with 4
   ``DummyVecEnv`` environments, torch on CPU: one seed (``--sb3-seeds`` more run one
   after another; SB3 has no batched seeds, so its rate at N seeds is its 1-seed rate).
@@ -25,8 +30,10 @@ of the training episodes that ended in the last 10 updates; rejax, its own evalu
 episodes of the final policy); SB3, the mean of its last 100 training episodes. Seeds at
 return ≥ 475 are counted. Ratios are genjax over each peer.
 
-    python experiments/benchmarks/ppo_speed.py --rounds 3 \
+    python experiments/benchmarks/ppo_speed.py --rounds 2 --genjax-cpu-devices 2 \
         --results experiments/benchmarks/RESULTS.md
+    python experiments/benchmarks/ppo_speed.py --rounds 2 --genjax-cpu-devices 2 \
+        --rejax-cpu-devices 2 --sides genjax,rejax     # both sides on both cores
     python experiments/benchmarks/ppo_speed.py --timesteps 8192 --seeds 2 --reps 1  # smoke
 
 Needs the ``bench`` extra (rejax, stable-baselines3 and torch==2.13.0, a CPU build);
@@ -66,16 +73,27 @@ def timed_runs(run, reps: int) -> tuple[float, list[float], object]:
     return statistics.median(times), times, out
 
 
-def genjax_side(spec: dict) -> dict:
+def seed_keys(seeds: int):
+    """The keys of ``seeds`` seeds, spread over the side's devices."""
     import jax
 
     from genjax.rl import ppo
 
+    return ppo.shard_seeds(jax.random.split(jax.random.key(0), seeds))
+
+
+def genjax_side(spec: dict) -> dict:
+    import jax
+
+    from genjax import mesh as meshlib
+    from genjax.rl import ppo
+
+    meshlib.split_cpu(spec["cpu_devices"]["genjax"])  # before JAX starts
     cfg = ppo.PPOConfig(**hyper(spec))
     train = ppo.make_train(cfg)
     rows = {}
     for seeds in spec["seed_counts"]:
-        keys = jax.random.split(jax.random.key(0), seeds)
+        keys = seed_keys(seeds)
         fn = jax.jit(jax.vmap(train)) if seeds > 1 else jax.jit(train)
         args = keys if seeds > 1 else keys[0]
         t0 = time.perf_counter()
@@ -87,13 +105,19 @@ def genjax_side(spec: dict) -> dict:
         final = np.atleast_1d(ppo.final_return(metrics))
         steps = seeds * cfg.num_updates * cfg.steps_per_update
         rows[seeds] = {"steps_per_s": steps / run_s, "compile_s": compile_s, "run_s": run_s,
-                       "steps": steps, "times": times, "final_return": final.tolist()}  # fmt: skip
+                       "steps": steps, "times": times, "final_return": final.tolist(),
+                       "devices": len(keys.sharding.device_set)}  # fmt: skip
     return {"rows": rows, "versions": {"jax": jax.__version__}}
 
 
 def rejax_side(spec: dict) -> dict:
-    import gymnax
     import jax
+
+    from genjax import mesh as meshlib
+
+    meshlib.split_cpu(spec["cpu_devices"]["rejax"])  # before JAX starts
+
+    import gymnax
     import rejax
 
     env, env_params = gymnax.make("CartPole-v1")
@@ -118,7 +142,7 @@ def rejax_side(spec: dict) -> dict:
     )  # fmt: skip
     rows = {}
     for seeds in spec["seed_counts"]:
-        keys = jax.random.split(jax.random.key(0), seeds)
+        keys = seed_keys(seeds)
         fn = jax.jit(jax.vmap(algo.train)) if seeds > 1 else jax.jit(algo.train)
         args = keys if seeds > 1 else keys[0]
         t0 = time.perf_counter()
@@ -133,7 +157,8 @@ def rejax_side(spec: dict) -> dict:
         steps = seeds * (h["total_timesteps"] // per_update) * per_update
         rows[seeds] = {"steps_per_s": steps / run_s, "compile_s": max(first_s - run_s, 0.0),
                        "run_s": run_s, "steps": steps, "times": times,
-                       "final_return": final.mean(-1).tolist()}  # fmt: skip
+                       "final_return": final.mean(-1).tolist(),
+                       "devices": len(keys.sharding.device_set)}  # fmt: skip
     versions = {name: importlib.metadata.version(name) for name in ("rejax", "gymnax")}
     return {"rows": rows, "versions": versions}
 
@@ -163,7 +188,7 @@ def sb3_side(spec: dict) -> dict:
         finals.append(float(np.mean([ep["r"] for ep in model.ep_info_buffer])))
     run_s = statistics.median(times)
     row = {"steps_per_s": h["total_timesteps"] / run_s, "compile_s": 0.0, "run_s": run_s,
-           "final_return": finals}  # fmt: skip
+           "final_return": finals, "devices": "–"}  # fmt: skip
     versions = {"stable-baselines3": sb3.__version__, "torch": torch.__version__}
     return {"rows": {seeds: row for seeds in spec["seed_counts"]}, "versions": versions}
 
@@ -202,8 +227,9 @@ def merge_rounds(results: list[dict]) -> dict:
 
 
 def table(results: dict, seed_counts: list[int], sb3_seeds: int) -> list[str]:
-    lines = ["| side | seeds | env steps/s | genjax / side | compile s | final return: mean "
-             f"/ worst | seeds ≥ {SOLVED:.0f} |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| side | seeds | devices | env steps/s | genjax / side | compile s | final "
+             f"return: mean / worst | seeds ≥ {SOLVED:.0f} |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for seeds in seed_counts:
         ours = results.get("genjax", {}).get("rows", {}).get(str(seeds))
         for side, r in results.items():
@@ -213,8 +239,8 @@ def table(results: dict, seed_counts: list[int], sb3_seeds: int) -> list[str]:
             note = f" ({len(final)} run{'s' * (len(final) > 1)}, one after another)" if (
                 side == "sb3") else ""  # fmt: skip
             lines.append(
-                f"| {side}{note} | {seeds} | {row['steps_per_s']:,.0f} | {ratio} "
-                f"| {row['compile_s']:.1f} | {final.mean():.1f} / {final.min():.1f} "
+                f"| {side}{note} | {seeds} | {row['devices']} | {row['steps_per_s']:,.0f} "
+                f"| {ratio} | {row['compile_s']:.1f} | {final.mean():.1f} / {final.min():.1f} "
                 f"| {int(np.sum(final >= SOLVED))}/{len(final)} |"
             )
     return lines
@@ -229,17 +255,23 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=3, help="timed runs per process")
     p.add_argument("--rounds", type=int, default=1, help="processes per JAX side, in turns")
     p.add_argument("--threads", type=int, default=2, help="torch threads (SB3)")
+    for side in ("genjax", "rejax"):
+        help = f"split {side}'s CPU into N XLA devices, its seeds over them"
+        p.add_argument(f"--{side}-cpu-devices", type=int, default=1, help=help)
     p.add_argument("--results", type=pathlib.Path, help="append the section to this RESULTS.md")
     args = p.parse_args(argv)
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     if not sides or set(sides) - set(SIDES):
         raise SystemExit(f"--sides: choose from {','.join(SIDES)}")
-    for name in ("timesteps", "seeds", "sb3_seeds", "reps", "rounds", "threads"):
+    for name in ("timesteps", "seeds", "sb3_seeds", "reps", "rounds", "threads",
+                 "genjax_cpu_devices", "rejax_cpu_devices"):  # fmt: skip
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     seed_counts = sorted({1, args.seeds})
     spec = {"timesteps": args.timesteps, "seed_counts": seed_counts, "reps": args.reps,
-            "sb3_seeds": args.sb3_seeds, "threads": args.threads}  # fmt: skip
+            "sb3_seeds": args.sb3_seeds, "threads": args.threads,
+            "cpu_devices": {"genjax": args.genjax_cpu_devices,
+                            "rejax": args.rejax_cpu_devices}}  # fmt: skip
     results = run_rounds(sides, spec, args.rounds)
     versions = {"python": platform.python_version()}
     for r in results.values():

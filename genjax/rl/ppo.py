@@ -4,6 +4,7 @@ function of a key.
     train = make_train(PPOConfig(env="CartPole-v1"))
     params, metrics = jax.jit(train)(key)                  # one seed
     params, metrics = jax.jit(jax.vmap(train))(keys)       # many seeds at once
+    params, metrics = jax.jit(jax.vmap(train))(shard_seeds(keys))  # ... over the devices
 
 Glossary: U updates, T steps per rollout, B environments side by side, N = T·B
 transitions per update, M minibatches, O observation features (flattened), A actions.
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from genjax import mesh as meshlib
 from genjax.rl import losses
 
 
@@ -323,6 +325,16 @@ def make_train(cfg: PPOConfig):
         return carry[0], metrics
 
     return train
+
+
+def shard_seeds(keys_S: jax.Array) -> jax.Array:
+    """The seeds' keys [S] split over this process's devices, as a batch over a ``data``
+    mesh of as many devices as divide S evenly. ``jax.jit(jax.vmap(train))`` then runs
+    each device's seeds there, with no communication between devices (seeds share
+    nothing). On a CPU split by ``genjax.mesh.split_cpu``, that puts seeds on every core."""
+    count = math.gcd(len(keys_S), jax.local_device_count())
+    mesh = meshlib.make_mesh(f"data={count}", jax.local_devices()[:count])
+    return jax.device_put(keys_S, meshlib.batch_sharding(mesh, rank=1))
 
 
 def episode_returns(metrics: dict, window: int = 1) -> np.ndarray:
