@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     run_s = time.perf_counter() - t0
 
     env_steps = args.num_seeds * cfg.num_updates * cfg.steps_per_update
+    devices = len(keys.sharding.device_set)
     final = ppo.final_return(metrics, WINDOW)  # [seeds]
     curves = ppo.episode_returns(metrics, WINDOW)  # [seeds, U / WINDOW]
     steps = (np.arange(curves.shape[-1]) + 1) * WINDOW * cfg.steps_per_update
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
         "env": cfg.env, "seeds": args.num_seeds, "final_return": final.tolist(),
         "mean_final_return": float(final.mean()),
         "first_return": float(np.nanmean(curves[:, 0])), "env_steps": env_steps,
-        "env_steps_per_s": env_steps / run_s, "devices": len(keys.sharding.device_set),
+        "env_steps_per_s": env_steps / run_s, "devices": devices,
         "compile_s": compile_s, "run_s": run_s,
         "config": dataclasses.asdict(cfg),
     }  # fmt: skip
@@ -100,7 +101,6 @@ def main(argv=None) -> int:
     each = ", ".join(f"{r:.0f}" for r in final)
     print(f"{cfg.env}: final mean episodic return {final.mean():.1f} over {args.num_seeds} "
           f"seeds (worst {final.min():.1f}; each: {each})")  # fmt: skip
-    devices = len(keys.sharding.device_set)
     print(f"{env_steps:,} environment steps in {run_s:.1f} s: {env_steps / run_s:,.0f} steps/s "
           f"on {devices} device{'s' * (devices > 1)} (compile {compile_s:.1f} s) · "
           f"{args.workdir / 'returns.png'}")  # fmt: skip

@@ -329,7 +329,7 @@ def make_train(cfg: PPOConfig):
 
 def shard_seeds(keys_S: jax.Array) -> jax.Array:
     """The seeds' keys [S] split over this process's devices, as a batch over a ``data``
-    mesh of as many devices as divide S evenly. ``jax.jit(jax.vmap(train))`` then runs
+    mesh of the most devices that divide S evenly. ``jax.jit(jax.vmap(train))`` then runs
     each device's seeds there, with no communication between devices (seeds share
     nothing). On a CPU split by ``genjax.mesh.split_cpu``, that puts seeds on every core."""
     count = math.gcd(len(keys_S), jax.local_device_count())
