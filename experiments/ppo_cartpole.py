@@ -84,9 +84,10 @@ def main(argv=None) -> int:
 
     env_steps = args.num_seeds * cfg.num_updates * cfg.steps_per_update
     devices = len(keys.sharding.device_set)
-    final = ppo.final_return(metrics, WINDOW)  # [seeds]
-    curves = ppo.episode_returns(metrics, WINDOW)  # [seeds, U / WINDOW]
-    steps = (np.arange(curves.shape[-1]) + 1) * WINDOW * cfg.steps_per_update
+    window = min(WINDOW, cfg.num_updates)  # a short run is one point
+    final = ppo.final_return(metrics, window)  # [seeds]
+    curves = ppo.episode_returns(metrics, window)  # [seeds, U / window]
+    steps = (np.arange(curves.shape[-1]) + 1) * window * cfg.steps_per_update
     args.workdir.mkdir(parents=True, exist_ok=True)
     plot_returns(args.workdir / "returns.png", curves, steps, cfg.env)
     report = {

@@ -73,6 +73,16 @@ def test_ppo_cartpole_refuses_bad_arguments(tmp_path, args, message):
     assert message in proc.stderr
 
 
+def test_ppo_cartpole_smoke_run_shorter_than_a_curve_point(tmp_path, load_script):
+    # The docstring's smoke run: 8 updates, fewer than the 10 of a point of the curve.
+    script = load_script("experiments/ppo_cartpole.py")
+    args = ["--workdir", str(tmp_path), "--num-seeds", "2", "--set", "total_timesteps=4096"]
+    assert script.main(args) == 0
+    report = json.loads((tmp_path / "returns.json").read_text())
+    assert len(report["final_return"]) == 2 and report["devices"] == 2
+    assert 0 < report["first_return"] < 200
+
+
 def test_seeds_spread_over_devices_train_as_on_one_device_and_never_communicate():
     # conftest gives 8 CPU devices. Seeds share nothing, so spread over devices the
     # program has no collective, and each seed's numbers are its one-device numbers (to
