@@ -106,6 +106,8 @@ def test_seeds_spread_over_devices_train_as_on_one_device_and_never_communicate(
     # Seeds that do not split over all the devices use as many as divide them.
     assert len(ppo.shard_seeds(keys[:6]).sharding.device_set) == 2
     assert len(ppo.shard_seeds(keys[:3]).sharding.device_set) == 1
+    with pytest.raises(ValueError, match=r"one key per seed, shape \[S\], not \(\)"):
+        ppo.shard_seeds(keys[0])
 
 
 @pytest.mark.parametrize("shape", [(4, 64), (64, 64), (64, 2)])

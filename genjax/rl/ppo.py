@@ -332,6 +332,11 @@ def shard_seeds(keys_S: jax.Array) -> jax.Array:
     mesh of the most devices that divide S evenly. ``jax.jit(jax.vmap(train))`` then runs
     each device's seeds there, with no communication between devices (seeds share
     nothing). On a CPU split by ``genjax.mesh.split_cpu``, that puts seeds on every core."""
+    if keys_S.ndim != 1:
+        raise ValueError(
+            f"shard_seeds takes one key per seed, shape [S], not {keys_S.shape}; "
+            "make them with jax.random.split(key, S)"
+        )
     count = math.gcd(len(keys_S), jax.local_device_count())
     mesh = meshlib.make_mesh(f"data={count}", jax.local_devices()[:count])
     return jax.device_put(keys_S, meshlib.batch_sharding(mesh, rank=1))
