@@ -6,6 +6,7 @@ import json
 import pathlib
 import runpy
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -176,6 +177,15 @@ def test_walks_gold_reward():
     assert walks.gold_reward([text[0]], [text[1:] + "b"]) == [0.0]  # letters after the goal
     assert walks.gold_reward([text[0]], ["z"]) == [0.0]
     assert walks.invalid([text[0], text[0]], [text[1:], "?"]) == [False, True]
+
+
+def test_python_gold_reward_is_whether_it_parses_and_prints_no_warning():
+    prompt = 'def f(x):\n    """Doc."""\n'
+    # "1if" parses (as 1 if ...) but draws a SyntaxWarning; as an error it would not parse.
+    responses = ["    return 1if x else 2\n", "    return (x\n", "    return x +\n"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert python_task.parses([prompt] * 3, responses) == [1.0, 0.0, 0.0]
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import pathlib
 import textwrap
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -47,11 +48,15 @@ def function_pairs(files, max_prompt_lines: int = 12, max_body_lines: int = 16) 
 
 
 def parses(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    """1.0 where ``prompt + response`` is valid Python, else 0.0."""
+    """1.0 where ``prompt + response`` is valid Python, else 0.0. Sampled text often
+    draws a SyntaxWarning (``1if``: "invalid decimal literal") while parsing; whether it
+    parses is the answer, so those warnings are not printed."""
     rewards = []
     for prompt, response in zip(prompts, responses, strict=True):
         try:
-            ast.parse(prompt + response)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SyntaxWarning)
+                ast.parse(prompt + response)
         except (SyntaxError, ValueError):
             rewards.append(0.0)
         else:
