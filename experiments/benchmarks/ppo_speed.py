@@ -4,7 +4,8 @@ The same hyperparameters on every side (purejaxrl's): 4 environments × 128 step
 rollout, 500,000 environment steps, 4 epochs × 4 minibatches, Adam lr 2.5e-4 (annealed
 linearly to 0 where the side can: genjax and SB3; rejax's is constant), γ 0.99, GAE λ
 0.95, clip 0.2, value coefficient 0.5, entropy 0.01, gradient norm 0.5 (rejax clips each
-gradient element at 0.5 instead), actor and critic MLPs 2 × 64 tanh.
+gradient element at 0.5 instead, and takes the actor's and critic's steps apart), actor
+and critic MLPs 2 × 64 tanh.
 
 - **genjax**: ``genjax.rl.ppo.make_train`` under ``jax.jit``, one seed and ``--seeds``
   seeds under ``jax.vmap``; compile (lower + compile) timed apart from the run. With
