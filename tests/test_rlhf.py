@@ -179,13 +179,21 @@ def test_walks_gold_reward():
     assert walks.invalid([text[0], text[0]], [text[1:], "?"]) == [False, True]
 
 
-def test_python_gold_reward_is_whether_it_parses_and_prints_no_warning():
+def test_python_gold_reward_is_whether_it_parses_and_prints_no_warning(tmp_path):
     prompt = 'def f(x):\n    """Doc."""\n'
-    # "1if" parses (as 1 if ...) but draws a SyntaxWarning; as an error it would not parse.
+    # "1if" and "\(" parse but draw a SyntaxWarning (a DeprecationWarning before Python
+    # 3.12 for the escape); raised as errors, they would not parse.
     responses = ["    return 1if x else 2\n", "    return (x\n", "    return x +\n"]
+    escape = '    return "\\("\n'
+    source = tmp_path / "escape.py"
+    source.write_text(prompt + "    x = 1\n" + escape)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert python_task.parses([prompt] * 3, responses) == [1.0, 0.0, 0.0]
+        assert python_task.parses([prompt], [escape]) == [1.0]
+        assert python_task.function_pairs([source]) == [
+            {"prompt": prompt, "response": "    x = 1\n" + escape}
+        ]
 
 
 @pytest.mark.slow

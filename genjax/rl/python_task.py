@@ -17,6 +17,16 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def _parse(source: str) -> ast.Module:
+    """``ast.parse`` without the warnings some valid text draws (``1if``: "invalid decimal
+    literal"; ``"\\("``: "invalid escape sequence", a DeprecationWarning before Python
+    3.12): whether it parses is the answer, and sampled text draws them often."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ast.parse(source)
+
+
 def function_pairs(files, max_prompt_lines: int = 12, max_body_lines: int = 16) -> list[dict]:
     """{"prompt": def line + docstring, "response": body} of the documented functions
     in ``files``, each dedented to column 0, lines ending in newlines."""
@@ -24,7 +34,7 @@ def function_pairs(files, max_prompt_lines: int = 12, max_body_lines: int = 16) 
     for path in files:
         try:
             source = pathlib.Path(path).read_text(encoding="utf-8")
-            tree = ast.parse(source)
+            tree = _parse(source)
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
         lines = source.splitlines()
@@ -48,15 +58,11 @@ def function_pairs(files, max_prompt_lines: int = 12, max_body_lines: int = 16) 
 
 
 def parses(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    """1.0 where ``prompt + response`` is valid Python, else 0.0. Sampled text often
-    draws a SyntaxWarning (``1if``: "invalid decimal literal") while parsing; whether it
-    parses is the answer, so those warnings are not printed."""
+    """1.0 where ``prompt + response`` is valid Python, else 0.0."""
     rewards = []
     for prompt, response in zip(prompts, responses, strict=True):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", SyntaxWarning)
-                ast.parse(prompt + response)
+            _parse(prompt + response)
         except (SyntaxError, ValueError):
             rewards.append(0.0)
         else:
