@@ -8,15 +8,21 @@ the shared run layer in its own workdir (re-running resumes):
 
     DIR/sft   fine-tune the base on (signature + docstring → body) pairs of the standard
               library's documented functions (``genjax.rl.python_task``)
-    DIR/rm    a reward model on preference pairs labelled by the gold reward: a body that
-              parses (chosen) against the same body cut short where that does not parse
+    DIR/data/preferences.jsonl
+              the SFT model answers each training prompt 4 times (temperature 1); the
+              gold reward labels the answers: one it rejects against one it accepts (or
+              against the reference body, when it accepts none)
+    DIR/rm    a reward model on those preference pairs
     DIR/ppo   PPO against the reward model, KL penalty to the SFT model, on prompts whose
               reference body fits the response length
-    DIR/ppo_gold  the same PPO against the gold reward itself (``parses``, a Python
-              function of the texts), to tell the reward model's errors from PPO's
+    DIR/ppo_gold  the same PPO against the gold reward itself (``writes_a_body``, a
+              Python function of the texts), to tell the reward model's errors from PPO's
 
-Then the SFT model and both PPO policies each answer the held-out prompts (temperature 1)
-and are scored: parse rate (the gold reward), proxy reward, KL to the SFT model. Writes
+The gold reward is 1 where the completed function parses and its body does something
+(a statement besides the docstring, ``pass`` and ``...``): a signature and docstring
+parse already. Then the SFT model and both PPO policies each answer the held-out prompts
+(temperature 1) and are scored: parse rate (the gold reward), proxy reward, KL to the
+SFT model. Writes
 ``DIR/results.json``: {"sft", "ppo", "ppo_gold": {"parse_rate", "proxy_reward", "kl"},
 "reward_model": {"val_accuracy"}}.
 """
@@ -28,6 +34,8 @@ import json
 import pathlib
 import sys
 
+import numpy as np
+
 from genjax import lm, reward_model, rlhf, run, sft
 from genjax.rl import data as rldata
 from genjax.rl import python_task
@@ -35,13 +43,23 @@ from genjax.rl import python_task
 # Prompt tokens (with the leading <eod>) and response tokens: 64 each, or half the
 # base model's context when that is shorter.
 LENGTH = 64
+SAMPLES_PER_PROMPT = 4  # the SFT model's answers to a training prompt, to label in pairs
+SAMPLE_ROWS = 256  # answers drawn at once
+
+
+def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
+    """Whole or not at all: a run killed while writing leaves no half file to resume from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(".part")
+    part.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    part.replace(path)
+    print(f"wrote {len(rows):,} records to {path}")
 
 
 def write_data(d: pathlib.Path, tok, length: int) -> dict[str, pathlib.Path]:
-    """pairs.jsonl, preferences.jsonl, prompts.jsonl (training prompts that fit) and
-    eval_prompts.jsonl (held-out prompts that fit), written once."""
-    paths = {name: d / "data" / f"{name}.jsonl"
-             for name in ("pairs", "preferences", "prompts", "eval_prompts")}  # fmt: skip
+    """pairs.jsonl (for SFT), prompts.jsonl (training prompts that fit, with their
+    reference bodies) and eval_prompts.jsonl (held-out prompts that fit), written once."""
+    paths = {name: d / "data" / f"{name}.jsonl" for name in ("pairs", "prompts", "eval_prompts")}
     if all(p.exists() for p in paths.values()):
         return paths
     train_files, _ = lm.corpus_split(lm.DataConfig())
@@ -53,15 +71,39 @@ def write_data(d: pathlib.Path, tok, length: int) -> dict[str, pathlib.Path]:
 
     records = {
         "pairs": pairs,
-        "preferences": python_task.preference_pairs(pairs),
-        "prompts": [{"prompt": p["prompt"]} for p in train_pairs if fits(p)],
+        "prompts": [p for p in train_pairs if fits(p)],
         "eval_prompts": [{"prompt": p["prompt"]} for p in val_pairs if fits(p)][:128],
     }
-    paths["pairs"].parent.mkdir(parents=True, exist_ok=True)
     for name, rows in records.items():
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        print(f"wrote {len(rows):,} records to {paths[name]}")
+        write_jsonl(paths[name], rows)
     return paths
+
+
+def write_preferences(d: pathlib.Path, prompts_path: pathlib.Path, length: int,
+                      limit: int | None) -> pathlib.Path:  # fmt: skip
+    """preferences.jsonl: the SFT model's answers to the training prompts (the first
+    ``limit``), paired by the gold reward; written once."""
+    path = d / "data" / "preferences.jsonl"
+    if path.exists():
+        return path
+    records = rldata.read_jsonl(prompts_path, rldata.SFT_FIELDS)[:limit]
+    model = sft.base_model(d / "sft")
+    tok = sft.base_tokenizer(d / "sft", model)
+    params = sft.load_base(d / "sft")
+    prompts = [r["prompt"] for r in records for _ in range(SAMPLES_PER_PROMPT)]
+    responses = []
+    for start in range(0, len(prompts), SAMPLE_ROWS):
+        chunk = prompts[start : start + SAMPLE_ROWS]
+        responses += rlhf.sample(model, params, tok, chunk, max_new_tokens=length,
+                                 seed=start, prompt_len=length).responses  # fmt: skip
+    k = SAMPLES_PER_PROMPT
+    samples = [responses[i : i + k] for i in range(0, len(responses), k)]
+    gold = python_task.writes_a_body(prompts, responses)
+    print(f"the SFT model's answers to {len(records):,} training prompts: "
+          f"{np.mean(gold):.1%} write a body")  # fmt: skip
+    write_jsonl(path, python_task.preference_pairs(
+        [r["prompt"] for r in records], samples, [r["response"] for r in records]))  # fmt: skip
+    return path
 
 
 def main(argv=None) -> int:
@@ -73,6 +115,7 @@ def main(argv=None) -> int:
     d = pathlib.Path(args.workdir)
     steps = (dict(sft=4, rm=4, ppo=2, ppo_gold=2) if args.quick
              else dict(sft=300, rm=200, ppo=100, ppo_gold=100))  # fmt: skip
+    preference_prompts = 48 if args.quick else None  # None: every training prompt
     try:
         base_model = sft.base_model(args.base)
         length = min(LENGTH, base_model.max_seq_len // 2)
@@ -80,11 +123,12 @@ def main(argv=None) -> int:
         rows = [f"data.seq_len={2 * length}", "data.global_batch_size=16", "optim.lr=3e-4"]
         stages = {
             "sft": (sft.FAMILY, [f"base={args.base}", f"data.path={paths['pairs']}", *rows]),
-            "rm": (reward_model.FAMILY, [f"base={d / 'sft'}", f"data.path={paths['preferences']}",
-                                         *rows]),
+            "rm": (reward_model.FAMILY, [f"base={d / 'sft'}",
+                                         f"data.path={d / 'data' / 'preferences.jsonl'}", *rows]),
         }  # fmt: skip
         # PPO against the reward model, and against the gold reward itself.
-        for name, reward in (("ppo", d / "rm"), ("ppo_gold", "genjax.rl.python_task:parses")):
+        gold = "genjax.rl.python_task:writes_a_body"
+        for name, reward in (("ppo", d / "rm"), ("ppo_gold", gold)):
             stages[name] = (rlhf.FAMILY, [
                 f"base={d / 'sft'}", f"data.path={paths['prompts']}", f"rl.reward={reward}",
                 f"data.prompt_len={length}", f"rl.max_new_tokens={length}",
@@ -92,6 +136,8 @@ def main(argv=None) -> int:
                 "optim.lr=3e-5", "run.log_every=5",
             ])  # fmt: skip
         for name, (family, assignments) in stages.items():
+            if name == "rm":  # its pairs are the SFT model's answers
+                write_preferences(d, paths["prompts"], length, preference_prompts)
             n = steps[name]
             cadence = [f"run.steps={n}", f"run.checkpoint_every={n}"]
             if family is not rlhf.FAMILY:
@@ -109,7 +155,7 @@ def main(argv=None) -> int:
         results = {}
         for method, params in policies.items():
             scores, _ = rlhf.evaluate_policy(
-                model, params, reference, tok, prompts, gold=python_task.parses,
+                model, params, reference, tok, prompts, gold=python_task.writes_a_body,
                 reward_model_dir=d / "rm", max_new_tokens=length, prompt_len=length,
             )  # fmt: skip
             results[method] = {"parse_rate": scores.pop("gold_reward"), **scores}
@@ -117,8 +163,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logged = [json.loads(line) for line in (d / "rm" / "metrics.jsonl").read_text().splitlines()]
-    results["reward_model"] = {"val_accuracy": [r for r in logged if "val_accuracy" in r][-1]
-                               ["val_accuracy"]}  # fmt: skip
+    accuracy = [r["val_accuracy"] for r in logged if "val_accuracy" in r]
+    # None where no pair was held out (a --quick run's few pairs).
+    results["reward_model"] = {"val_accuracy": accuracy[-1] if accuracy else None}
     results["eval_prompts"] = len(prompts)
     (d / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     for method in policies:

@@ -179,7 +179,7 @@ def test_walks_gold_reward():
     assert walks.invalid([text[0], text[0]], [text[1:], "?"]) == [False, True]
 
 
-def test_python_gold_reward_is_whether_it_parses_and_prints_no_warning(tmp_path):
+def test_python_gold_reward_parses_without_printing_a_warning(tmp_path):
     prompt = 'def f(x):\n    """Doc."""\n'
     # "1if" and "\(" parse but draw a SyntaxWarning (a DeprecationWarning before Python
     # 3.12 for the escape); raised as errors, they would not parse.
@@ -189,11 +189,34 @@ def test_python_gold_reward_is_whether_it_parses_and_prints_no_warning(tmp_path)
     source.write_text(prompt + "    x = 1\n" + escape)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert python_task.parses([prompt] * 3, responses) == [1.0, 0.0, 0.0]
-        assert python_task.parses([prompt], [escape]) == [1.0]
+        assert python_task.writes_a_body([prompt] * 3, responses) == [1.0, 0.0, 0.0]
+        assert python_task.writes_a_body([prompt], [escape]) == [1.0]
         assert python_task.function_pairs([source]) == [
             {"prompt": prompt, "response": "    x = 1\n" + escape}
         ]
+
+
+def test_python_gold_reward_asks_for_a_body_that_does_something():
+    prompt = 'async def f(x):\n    """Doc."""\n'
+    responses = ["    pass\n", "    ...\n", '    "more doc"\n', "", "    pass\nx = 1\n",
+                 "    return x\n", "    pass\n    await x\n", "    return (x\n"]  # fmt: skip
+    assert python_task.writes_a_body([prompt] * 8, responses) == [0, 0, 0, 0, 0, 1, 1, 0]
+
+
+def test_python_preferences_pair_a_rejected_answer_with_an_accepted_one_or_the_reference():
+    prompts = ["def f(x):\n", "def g():\n", "def h():\n"]
+    samples = [
+        ["    return (\n", "    return x\n", "    return 2 * x\n"],  # one fails
+        ["", "    pass\n", "    return (\n"],  # all fail; an empty answer is never paired
+        ["    return 1\n", "    return 2\n", "    return 3\n"],
+    ]  # all pass: no pair
+    references = ["    return -x\n", "    return 0\n", "    return 1\n"]
+    assert python_task.preference_pairs(prompts, samples, references) == [
+        {"prompt": "def f(x):\n", "chosen": "    return x\n", "rejected": "    return (\n"},
+        {"prompt": "def g():\n", "chosen": "    return 0\n", "rejected": "    pass\n"},
+    ]
+    # A reference the gold reward rejects is no chosen answer.
+    assert python_task.preference_pairs(prompts[1:2], samples[1:2], ["    pass\n"]) == []
 
 
 @pytest.mark.slow
@@ -208,9 +231,10 @@ def test_python_pipeline_reports_parse_rates(stdlib_lm, tmp_path, load_script):
     assert results["sft"]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert results["eval_prompts"] > 0
     preferences = [json.loads(line) for line in (tmp_path / "data" / "preferences.jsonl").open()]
-    assert preferences and all(
-        python_task.parses([p["prompt"]], [p["chosen"]]) == [1.0]
-        and python_task.parses([p["prompt"]], [p["rejected"]]) == [0.0]
+    prompts = [json.loads(line)["prompt"] for line in (tmp_path / "data" / "prompts.jsonl").open()]
+    assert preferences and {p["prompt"] for p in preferences} <= set(prompts[:48])
+    assert all(
+        python_task.writes_a_body([p["prompt"]] * 2, [p["chosen"], p["rejected"]]) == [1.0, 0.0]
         for p in preferences
     )
 

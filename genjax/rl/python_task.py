@@ -1,9 +1,10 @@
 """The Python task of RLHF: complete a function from its signature and docstring, with
-a programmatic gold reward, whether the completed function parses (``ast.parse``).
+a programmatic gold reward, whether the completed function parses (``ast.parse``) with a
+body that does something (``writes_a_body``).
 
 Prompts and reference responses come from the standard library's documented functions
-(``function_pairs``); preference pairs put a reference body (chosen) against the same
-body cut short (rejected) when the two differ in whether they parse.
+(``function_pairs``). Preference pairs are labelled by the gold reward on the policy's
+own samples (``preference_pairs``), as a labeller would rank a model's answers.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import pathlib
 import textwrap
 import warnings
 from collections.abc import Sequence
-
-import numpy as np
 
 
 def _parse(source: str) -> ast.Module:
@@ -57,29 +56,45 @@ def function_pairs(files, max_prompt_lines: int = 12, max_body_lines: int = 16) 
     return pairs
 
 
-def parses(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    """1.0 where ``prompt + response`` is valid Python, else 0.0."""
+def _does_something(statement: ast.stmt) -> bool:
+    """Not ``pass``, ``...`` or a bare string (a docstring)."""
+    if isinstance(statement, ast.Pass):
+        return False
+    return not (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant))
+
+
+def writes_a_body(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """The gold reward: 1.0 where ``prompt + response`` parses and the function the prompt
+    opens has a statement besides its docstring, ``pass`` and ``...``, else 0.0.
+
+    Parsing alone is no task here: a signature and docstring parse already, so a policy
+    rewarded for parsing learns to end the function at once."""
     rewards = []
     for prompt, response in zip(prompts, responses, strict=True):
         try:
-            _parse(prompt + response)
+            module = _parse(prompt + response)
         except (SyntaxError, ValueError):
             rewards.append(0.0)
-        else:
-            rewards.append(1.0)
+            continue
+        function = module.body[0] if module.body else None  # the prompt's def line opens it
+        is_function = isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
+        rewards.append(float(is_function and any(map(_does_something, function.body))))
     return rewards
 
 
-def preference_pairs(pairs: Sequence[dict], seed: int = 0) -> list[dict[str, str]]:
-    """{"prompt", "chosen", "rejected"}: each reference body that parses against itself cut
-    at a random character, kept where the cut one does not parse."""
-    rng = np.random.default_rng(seed)
+def preference_pairs(
+    prompts: Sequence[str], samples: Sequence[Sequence[str]], references: Sequence[str]
+) -> list[dict[str, str]]:
+    """{"prompt", "chosen", "rejected"} for each prompt with a sample the gold reward
+    rejects: that sample against one it accepts, or against the reference body where no
+    sample is accepted (so a weak policy still gets pairs). Prompts whose samples all pass
+    give no pair; empty answers are left out (a preference file has no empty response)."""
     out = []
-    for p in pairs:
-        body = p["response"]
-        if len(body) < 4 or not parses([p["prompt"]], [body])[0]:
-            continue
-        cut = body[: int(rng.integers(1, len(body) - 1))]
-        if cut.strip() and not parses([p["prompt"]], [cut])[0]:
-            out.append({"prompt": p["prompt"], "chosen": body, "rejected": cut})
+    for prompt, responses, reference in zip(prompts, samples, references, strict=True):
+        gold = writes_a_body([prompt] * len(responses), responses)
+        failed = [r for r, g in zip(responses, gold, strict=True) if not g and r.strip()]
+        passed = [r for r, g in zip(responses, gold, strict=True) if g]
+        if failed and (passed or writes_a_body([prompt], [reference])[0]):
+            out.append({"prompt": prompt, "chosen": (passed or [reference])[0],
+                        "rejected": failed[0]})  # fmt: skip
     return out
