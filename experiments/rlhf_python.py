@@ -9,9 +9,10 @@ the shared run layer in its own workdir (re-running resumes):
     DIR/sft   fine-tune the base on (signature + docstring → body) pairs of the standard
               library's documented functions (``genjax.rl.python_task``)
     DIR/data/preferences.jsonl
-              the SFT model answers each training prompt 4 times (temperature 1); the
-              gold reward labels the answers: one it rejects against one it accepts (or
-              against the reference body, when it accepts none)
+              the SFT model answers each prompt 4 times (temperature 1), the training
+              prompts and the held-out ones; the gold reward labels the answers: one it
+              rejects against one it accepts (or against the reference body, when it
+              accepts none); pairs of held-out prompts measure the reward model
     DIR/rm    a reward model on those preference pairs
     DIR/ppo   PPO against the reward model, KL penalty to the SFT model, on prompts whose
               reference body fits the response length
@@ -45,6 +46,7 @@ from genjax.rl import python_task
 LENGTH = 64
 SAMPLES_PER_PROMPT = 4  # the SFT model's answers to a training prompt, to label in pairs
 SAMPLE_ROWS = 256  # answers drawn at once
+EVAL_PROMPTS = 128  # held-out prompts each policy answers
 
 
 def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
@@ -57,9 +59,9 @@ def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
 
 
 def write_data(d: pathlib.Path, tok, length: int) -> dict[str, pathlib.Path]:
-    """pairs.jsonl (for SFT), prompts.jsonl (training prompts that fit, with their
-    reference bodies) and eval_prompts.jsonl (held-out prompts that fit), written once."""
-    paths = {name: d / "data" / f"{name}.jsonl" for name in ("pairs", "prompts", "eval_prompts")}
+    """pairs.jsonl (for SFT), then the prompts that fit with their reference bodies:
+    prompts.jsonl (training) and held_out.jsonl (the held-out ones); written once."""
+    paths = {name: d / "data" / f"{name}.jsonl" for name in ("pairs", "prompts", "held_out")}
     if all(p.exists() for p in paths.values()):
         return paths
     train_files, _ = lm.corpus_split(lm.DataConfig())
@@ -72,21 +74,22 @@ def write_data(d: pathlib.Path, tok, length: int) -> dict[str, pathlib.Path]:
     records = {
         "pairs": pairs,
         "prompts": [p for p in train_pairs if fits(p)],
-        "eval_prompts": [{"prompt": p["prompt"]} for p in val_pairs if fits(p)][:128],
+        "held_out": [p for p in val_pairs if fits(p)],
     }
     for name, rows in records.items():
         write_jsonl(paths[name], rows)
     return paths
 
 
-def write_preferences(d: pathlib.Path, prompts_path: pathlib.Path, length: int,
-                      limit: int | None) -> pathlib.Path:  # fmt: skip
-    """preferences.jsonl: the SFT model's answers to the training prompts (the first
-    ``limit``), paired by the gold reward; written once."""
+def write_preferences(d: pathlib.Path, paths: dict, length: int, limit: int | None) -> None:
+    """preferences.jsonl: the SFT model's answers to the training and the held-out
+    prompts (the first ``limit`` of each), paired by the gold reward; written once. The
+    reward model holds out the held-out prompts' pairs (the same hash splits both)."""
     path = d / "data" / "preferences.jsonl"
     if path.exists():
-        return path
-    records = rldata.read_jsonl(prompts_path, rldata.SFT_FIELDS)[:limit]
+        return
+    records = [record for name in ("prompts", "held_out")
+               for record in rldata.read_jsonl(paths[name], rldata.SFT_FIELDS)[:limit]]  # fmt: skip
     model = sft.base_model(d / "sft")
     tok = sft.base_tokenizer(d / "sft", model)
     params = sft.load_base(d / "sft")
@@ -99,11 +102,10 @@ def write_preferences(d: pathlib.Path, prompts_path: pathlib.Path, length: int,
     k = SAMPLES_PER_PROMPT
     samples = [responses[i : i + k] for i in range(0, len(responses), k)]
     gold = python_task.writes_a_body(prompts, responses)
-    print(f"the SFT model's answers to {len(records):,} training prompts: "
+    print(f"the SFT model's answers to {len(records):,} prompts: "
           f"{np.mean(gold):.1%} write a body")  # fmt: skip
     write_jsonl(path, python_task.preference_pairs(
         [r["prompt"] for r in records], samples, [r["response"] for r in records]))  # fmt: skip
-    return path
 
 
 def main(argv=None) -> int:
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
     d = pathlib.Path(args.workdir)
     steps = (dict(sft=4, rm=4, ppo=2, ppo_gold=2) if args.quick
              else dict(sft=300, rm=200, ppo=100, ppo_gold=100))  # fmt: skip
-    preference_prompts = 48 if args.quick else None  # None: every training prompt
+    preference_prompts = 24 if args.quick else None  # of each split; None: every prompt
     try:
         base_model = sft.base_model(args.base)
         length = min(LENGTH, base_model.max_seq_len // 2)
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
             ])  # fmt: skip
         for name, (family, assignments) in stages.items():
             if name == "rm":  # its pairs are the SFT model's answers
-                write_preferences(d, paths["prompts"], length, preference_prompts)
+                write_preferences(d, paths, length, preference_prompts)
             n = steps[name]
             cadence = [f"run.steps={n}", f"run.checkpoint_every={n}"]
             if family is not rlhf.FAMILY:
@@ -148,7 +150,8 @@ def main(argv=None) -> int:
         model = sft.base_model(d / "sft")
         tok = sft.base_tokenizer(d / "sft", model)
         reference = sft.load_base(d / "sft")
-        prompts = [r["prompt"] for r in rldata.read_jsonl(paths["eval_prompts"], ("prompt",))]
+        held_out = rldata.read_jsonl(paths["held_out"], ("prompt",))[:EVAL_PROMPTS]
+        prompts = [r["prompt"] for r in held_out]
         policies = {"sft": reference}
         for method in ("ppo", "ppo_gold"):
             policies[method] = rlhf.load_policy(d / method)[1]

@@ -230,9 +230,12 @@ def test_python_pipeline_reports_parse_rates(stdlib_lm, tmp_path, load_script):
         assert {"proxy_reward", "kl"} <= set(results[method])
     assert results["sft"]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert results["eval_prompts"] > 0
+    assert 0 <= results["reward_model"]["val_accuracy"] <= 1  # held-out prompts' pairs
     preferences = [json.loads(line) for line in (tmp_path / "data" / "preferences.jsonl").open()]
-    prompts = [json.loads(line)["prompt"] for line in (tmp_path / "data" / "prompts.jsonl").open()]
-    assert preferences and {p["prompt"] for p in preferences} <= set(prompts[:48])
+    prompts = {name: [json.loads(line)["prompt"] for line in (tmp_path / "data" / name).open()]
+               for name in ("prompts.jsonl", "held_out.jsonl")}  # fmt: skip
+    asked = set(prompts["prompts.jsonl"][:24]) | set(prompts["held_out.jsonl"][:24])
+    assert preferences and {p["prompt"] for p in preferences} <= asked
     assert all(
         python_task.writes_a_body([p["prompt"]] * 2, [p["chosen"], p["rejected"]]) == [1.0, 0.0]
         for p in preferences
