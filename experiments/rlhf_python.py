@@ -18,14 +18,17 @@ the shared run layer in its own workdir (re-running resumes):
               reference body fits the response length
     DIR/ppo_gold  the same PPO against the gold reward itself (``writes_a_body``, a
               Python function of the texts), to tell the reward model's errors from PPO's
+    DIR/dpo   DPO on the preference pairs, the SFT model its reference
+    DIR/grpo  GRPO against the reward model: groups of 4 answers to a prompt, half as
+              many updates of twice the answers (PPO's number of answers)
 
 The gold reward is 1 where the completed function parses and its body does something
 (a statement besides the docstring, ``pass`` and ``...``): a signature and docstring
-parse already. Then the SFT model and both PPO policies each answer the held-out prompts
+parse already. Then the SFT model and each policy answer the held-out prompts
 (temperature 1) and are scored: parse rate (the gold reward), proxy reward, KL to the
-SFT model. Writes
-``DIR/results.json``: {"sft", "ppo", "ppo_gold": {"parse_rate", "proxy_reward", "kl"},
-"reward_model": {"val_accuracy"}}.
+SFT model. Writes ``DIR/results.json``: {"sft", "ppo", "ppo_gold", "dpo", "grpo":
+{"parse_rate", "proxy_reward", "kl", "response_tokens"}, "reward_model":
+{"val_accuracy"}}.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import sys
 
 import numpy as np
 
-from genjax import lm, reward_model, rlhf, run, sft
+from genjax import dpo, lm, reward_model, rlhf, run, sft
 from genjax.rl import data as rldata
 from genjax.rl import python_task
 
@@ -115,28 +118,31 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps per stage")
     args = p.parse_args(argv)
     d = pathlib.Path(args.workdir)
-    steps = (dict(sft=4, rm=4, ppo=2, ppo_gold=2) if args.quick
-             else dict(sft=300, rm=200, ppo=100, ppo_gold=100))  # fmt: skip
+    steps = (dict(sft=4, rm=4, ppo=2, ppo_gold=2, dpo=2, grpo=2) if args.quick
+             else dict(sft=300, rm=200, ppo=100, ppo_gold=100, dpo=100, grpo=50))  # fmt: skip
     preference_prompts = 24 if args.quick else None  # of each split; None: every prompt
     try:
         base_model = sft.base_model(args.base)
         length = min(LENGTH, base_model.max_seq_len // 2)
         paths = write_data(d, sft.base_tokenizer(args.base, base_model), length)
-        rows = [f"data.seq_len={2 * length}", "data.global_batch_size=16", "optim.lr=3e-4"]
-        stages = {
-            "sft": (sft.FAMILY, [f"base={args.base}", f"data.path={paths['pairs']}", *rows]),
-            "rm": (reward_model.FAMILY, [f"base={d / 'sft'}",
-                                         f"data.path={d / 'data' / 'preferences.jsonl'}", *rows]),
-        }  # fmt: skip
-        # PPO against the reward model, and against the gold reward itself.
+        rows = [f"data.seq_len={2 * length}", "data.global_batch_size=16"]
+        preferences = d / "data" / "preferences.jsonl"
+        rl = [f"base={d / 'sft'}", f"data.path={paths['prompts']}", f"data.prompt_len={length}",
+              f"rl.max_new_tokens={length}", "rl.minibatches=2", "rl.epochs=2",
+              "optim.lr=3e-5", "run.log_every=5"]  # fmt: skip
         gold = "genjax.rl.python_task:writes_a_body"
-        for name, reward in (("ppo", d / "rm"), ("ppo_gold", gold)):
-            stages[name] = (rlhf.FAMILY, [
-                f"base={d / 'sft'}", f"data.path={paths['prompts']}", f"rl.reward={reward}",
-                f"data.prompt_len={length}", f"rl.max_new_tokens={length}",
-                "rl.prompts_per_update=16", "rl.minibatches=2", "rl.epochs=2",
-                "optim.lr=3e-5", "run.log_every=5",
-            ])  # fmt: skip
+        stages = {
+            "sft": (sft.FAMILY, [f"base={args.base}", f"data.path={paths['pairs']}", *rows,
+                                 "optim.lr=3e-4"]),
+            "rm": (reward_model.FAMILY, [f"base={d / 'sft'}", f"data.path={preferences}", *rows,
+                                         "optim.lr=3e-4"]),
+            "ppo": (rlhf.FAMILY, [*rl, f"rl.reward={d / 'rm'}", "rl.prompts_per_update=16"]),
+            "ppo_gold": (rlhf.FAMILY, [*rl, f"rl.reward={gold}", "rl.prompts_per_update=16"]),
+            "dpo": (dpo.FAMILY, [f"base={d / 'sft'}", f"data.path={preferences}", *rows,
+                                 "optim.lr=3e-5", "beta=0.1"]),
+            "grpo": (rlhf.FAMILY, [*rl, f"rl.reward={d / 'rm'}", "rl.algorithm=grpo",
+                                   "rl.prompts_per_update=8", "rl.group_size=4"]),
+        }  # fmt: skip
         for name, (family, assignments) in stages.items():
             if name == "rm":  # its pairs are the SFT model's answers
                 write_preferences(d, paths, length, preference_prompts)
@@ -153,8 +159,9 @@ def main(argv=None) -> int:
         held_out = rldata.read_jsonl(paths["held_out"], ("prompt",))[:EVAL_PROMPTS]
         prompts = [r["prompt"] for r in held_out]
         policies = {"sft": reference}
-        for method in ("ppo", "ppo_gold"):
-            policies[method] = rlhf.load_policy(d / method)[1]
+        for method in ("ppo", "ppo_gold", "dpo", "grpo"):
+            load = dpo.load_policy if method == "dpo" else rlhf.load_policy
+            policies[method] = load(d / method)[1]
         results = {}
         for method, params in policies.items():
             scores, _ = rlhf.evaluate_policy(

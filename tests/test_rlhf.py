@@ -225,7 +225,7 @@ def test_python_pipeline_reports_parse_rates(stdlib_lm, tmp_path, load_script):
     script = load_script("experiments/rlhf_python.py")
     assert script.main(["--workdir", str(tmp_path), "--base", str(base), "--quick"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    for method in ("sft", "ppo", "ppo_gold"):
+    for method in ("sft", "ppo", "ppo_gold", "dpo", "grpo"):
         assert 0 <= results[method]["parse_rate"] <= 1
         assert {"proxy_reward", "kl"} <= set(results[method])
     assert results["sft"]["kl"] == pytest.approx(0.0, abs=1e-5)
