@@ -1,5 +1,5 @@
 """RLHF on the standard-library language model, with a programmatic gold reward: does the
-completed function parse?
+completed function parse, with a body that is no stub?
 
     python experiments/rlhf_python.py --workdir runs/rlhf_python --base runs/lm [--quick]
 
@@ -22,13 +22,14 @@ the shared run layer in its own workdir (re-running resumes):
     DIR/grpo  GRPO against the reward model: groups of 4 answers to a prompt, half as
               many updates of twice the answers (PPO's number of answers)
 
-The gold reward is 1 where the completed function parses and its body does something
-(a statement besides the docstring, ``pass`` and ``...``): a signature and docstring
-parse already. Then the SFT model and each policy answer the held-out prompts
-(temperature 1) and are scored: parse rate (the gold reward), proxy reward, KL to the
-SFT model. Writes ``DIR/results.json``: {"sft", "ppo", "ppo_gold", "dpo", "grpo":
-{"parse_rate", "proxy_reward", "kl", "response_tokens"}, "reward_model":
-{"val_accuracy"}}.
+The gold reward is 1 where the completed function parses and its body is no stub (a
+statement besides the docstring, ``pass``, ``...`` and ``raise NotImplementedError``): a
+signature and docstring parse already. Then the SFT model and each policy answer the
+held-out prompts (temperature 1) and are scored: parse rate (the gold reward), proxy
+reward, KL to the SFT model, and the share of distinct answers (a policy that found one
+answer the reward likes gives it to many prompts). Writes ``DIR/results.json``:
+{"sft", "ppo", "ppo_gold", "dpo", "grpo": {"parse_rate", "proxy_reward", "kl",
+"response_tokens", "distinct"}, "reward_model": {"val_accuracy"}}.
 """
 
 from __future__ import annotations
@@ -164,11 +165,13 @@ def main(argv=None) -> int:
             policies[method] = load(d / method)[1]
         results = {}
         for method, params in policies.items():
-            scores, _ = rlhf.evaluate_policy(
+            scores, s = rlhf.evaluate_policy(
                 model, params, reference, tok, prompts, gold=python_task.writes_a_body,
                 reward_model_dir=d / "rm", max_new_tokens=length, prompt_len=length,
             )  # fmt: skip
-            results[method] = {"parse_rate": scores.pop("gold_reward"), **scores}
+            distinct = len({r.strip() for r in s.responses}) / len(s.responses)
+            results[method] = {"parse_rate": scores.pop("gold_reward"), **scores,
+                               "distinct": distinct}  # fmt: skip
     except run.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -181,8 +184,8 @@ def main(argv=None) -> int:
     for method in policies:
         r = results[method]
         print(f"{method}: parse rate {r['parse_rate']:.3f}, proxy reward {r['proxy_reward']:.3f}, "
-              f"KL to SFT {r['kl']:.3f}, {r['response_tokens']:.1f} tokens per response "
-              f"({len(prompts)} prompts)")  # fmt: skip
+              f"KL to SFT {r['kl']:.3f}, {r['response_tokens']:.1f} tokens per response, "
+              f"{r['distinct']:.0%} distinct ({len(prompts)} prompts)")  # fmt: skip
     print(f"wrote {d / 'results.json'}")
     return 0
 

@@ -196,11 +196,14 @@ def test_python_gold_reward_parses_without_printing_a_warning(tmp_path):
         ]
 
 
-def test_python_gold_reward_asks_for_a_body_that_does_something():
+def test_python_gold_reward_asks_for_a_body_that_is_no_stub():
     prompt = 'async def f(x):\n    """Doc."""\n'
     responses = ["    pass\n", "    ...\n", '    "more doc"\n', "", "    pass\nx = 1\n",
-                 "    return x\n", "    pass\n    await x\n", "    return (x\n"]  # fmt: skip
-    assert python_task.writes_a_body([prompt] * 8, responses) == [0, 0, 0, 0, 0, 1, 1, 0]
+                 "    raise NotImplementedError\n", "    raise NotImplementedError('f')\n",
+                 "    return x\n", "    pass\n    await x\n", "    raise ValueError(x)\n",
+                 "    raise\n", "    return (x\n"]  # fmt: skip
+    expected = [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0]
+    assert python_task.writes_a_body([prompt] * len(responses), responses) == expected
 
 
 def test_python_preferences_pair_a_rejected_answer_with_an_accepted_one_or_the_reference():
@@ -228,6 +231,7 @@ def test_python_pipeline_reports_parse_rates(stdlib_lm, tmp_path, load_script):
     for method in ("sft", "ppo", "ppo_gold", "dpo", "grpo"):
         assert 0 <= results[method]["parse_rate"] <= 1
         assert {"proxy_reward", "kl"} <= set(results[method])
+        assert 0 < results[method]["distinct"] <= 1
     assert results["sft"]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert results["eval_prompts"] > 0
     assert 0 <= results["reward_model"]["val_accuracy"] <= 1  # held-out prompts' pairs

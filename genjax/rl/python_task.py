@@ -1,6 +1,6 @@
 """The Python task of RLHF: complete a function from its signature and docstring, with
 a programmatic gold reward, whether the completed function parses (``ast.parse``) with a
-body that does something (``writes_a_body``).
+body that is no stub (``writes_a_body``).
 
 Prompts and reference responses come from the standard library's documented functions
 (``function_pairs``). Preference pairs are labelled by the gold reward on the policy's
@@ -56,19 +56,26 @@ def function_pairs(files, max_prompt_lines: int = 12, max_body_lines: int = 16) 
     return pairs
 
 
-def _does_something(statement: ast.stmt) -> bool:
-    """Not ``pass``, ``...`` or a bare string (a docstring)."""
+def _is_stub(statement: ast.stmt) -> bool:
+    """``pass``, ``...``, a bare string (a docstring) or ``raise NotImplementedError``."""
     if isinstance(statement, ast.Pass):
-        return False
-    return not (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant))
+        return True
+    if isinstance(statement, ast.Expr):
+        return isinstance(statement.value, ast.Constant)
+    if isinstance(statement, ast.Raise) and statement.exc is not None:
+        exc = statement.exc.func if isinstance(statement.exc, ast.Call) else statement.exc
+        return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
+    return False
 
 
 def writes_a_body(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
     """The gold reward: 1.0 where ``prompt + response`` parses and the function the prompt
-    opens has a statement besides its docstring, ``pass`` and ``...``, else 0.0.
+    opens has a statement that is no stub (its docstring, ``pass``, ``...``, ``raise
+    NotImplementedError``), else 0.0.
 
     Parsing alone is no task here: a signature and docstring parse already, so a policy
-    rewarded for parsing learns to end the function at once."""
+    rewarded for parsing learns to end the function at once; one rewarded for any
+    statement learns the stub ``raise NotImplementedError``."""
     rewards = []
     for prompt, response in zip(prompts, responses, strict=True):
         try:
@@ -78,7 +85,7 @@ def writes_a_body(prompts: Sequence[str], responses: Sequence[str]) -> list[floa
             continue
         function = module.body[0] if module.body else None  # the prompt's def line opens it
         is_function = isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
-        rewards.append(float(is_function and any(map(_does_something, function.body))))
+        rewards.append(float(is_function and not all(map(_is_stub, function.body))))
     return rewards
 
 
