@@ -48,7 +48,7 @@ from genjax.rl import python_task
 # Prompt tokens (with the leading <eod>) and response tokens: 64 each, or half the
 # base model's context when that is shorter.
 LENGTH = 64
-SAMPLES_PER_PROMPT = 4  # the SFT model's answers to a training prompt, to label in pairs
+SAMPLES_PER_PROMPT = 4  # the SFT model's answers to a prompt, to label in pairs
 SAMPLE_ROWS = 256  # answers drawn at once
 EVAL_PROMPTS = 128  # held-out prompts each policy answers
 
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         return 2
     logged = [json.loads(line) for line in (d / "rm" / "metrics.jsonl").read_text().splitlines()]
     accuracy = [r["val_accuracy"] for r in logged if "val_accuracy" in r]
-    # None where no pair was held out (a --quick run's few pairs).
+    # None where no pair was held out: every held-out prompt's answers passed.
     results["reward_model"] = {"val_accuracy": accuracy[-1] if accuracy else None}
     results["eval_prompts"] = len(prompts)
     (d / "results.json").write_text(json.dumps(results, indent=1) + "\n")

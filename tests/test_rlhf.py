@@ -211,8 +211,8 @@ def test_python_preferences_pair_a_rejected_answer_with_an_accepted_one_or_the_r
     samples = [
         ["    return (\n", "    return x\n", "    return 2 * x\n"],  # one fails
         ["", "    pass\n", "    return (\n"],  # all fail; an empty answer is never paired
-        ["    return 1\n", "    return 2\n", "    return 3\n"],
-    ]  # all pass: no pair
+        ["    return 1\n", "    return 2\n", "    return 3\n"],  # all pass: no pair
+    ]
     references = ["    return -x\n", "    return 0\n", "    return 1\n"]
     assert python_task.preference_pairs(prompts, samples, references) == [
         {"prompt": "def f(x):\n", "chosen": "    return x\n", "rejected": "    return (\n"},
