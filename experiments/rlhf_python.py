@@ -1,7 +1,8 @@
 """RLHF on the standard-library language model, with a programmatic gold reward: does the
 completed function parse, with a body that is no stub?
 
-    python experiments/rlhf_python.py --workdir runs/rlhf_python --base runs/lm [--quick]
+    python experiments/rlhf_python.py --workdir runs/rlhf_python --base runs/lm [--seeds 3]
+        [--quick]
 
 ``--base`` is the main job's run (``experiments/lm_pretrain.py``). Stages, each a run of
 the shared run layer in its own workdir (re-running resumes):
@@ -14,22 +15,24 @@ the shared run layer in its own workdir (re-running resumes):
               rejects against one it accepts (or against the reference body, when it
               accepts none); pairs of held-out prompts measure the reward model
     DIR/rm    a reward model on those preference pairs
-    DIR/ppo   PPO against the reward model, KL penalty to the SFT model, on prompts whose
-              reference body fits the response length
-    DIR/ppo_gold  the same PPO against the gold reward itself (``writes_a_body``, a
-              Python function of the texts), to tell the reward model's errors from PPO's
-    DIR/dpo   DPO on the preference pairs, the SFT model its reference
-    DIR/grpo  GRPO against the reward model: groups of 4 answers to a prompt, half as
-              many updates of twice the answers (PPO's number of answers)
+    DIR/seed<k>/ppo       PPO against the reward model, KL penalty to the SFT model, on
+              prompts whose reference body fits the response length
+    DIR/seed<k>/ppo_gold  the same PPO against the gold reward itself (``writes_a_body``,
+              a Python function of the texts), to tell the reward model's errors from PPO's
+    DIR/seed<k>/dpo       DPO on the preference pairs, the SFT model its reference
+    DIR/seed<k>/grpo      GRPO against the reward model: groups of 4 answers to a prompt,
+              half as many updates of twice the answers (PPO's number of answers)
 
 The gold reward is 1 where the completed function parses and its body is no stub (a
 statement besides the docstring, ``pass``, ``...`` and ``raise NotImplementedError``): a
-signature and docstring parse already. Then the SFT model and each policy answer the
-held-out prompts (temperature 1) and are scored: parse rate (the gold reward), proxy
-reward, KL to the SFT model, and the share of distinct answers (a policy that found one
-answer the reward likes gives it to many prompts). Writes ``DIR/results.json``:
-{"sft", "ppo", "ppo_gold", "dpo", "grpo": {"parse_rate", "proxy_reward", "kl",
-"response_tokens", "distinct"}, "reward_model": {"val_accuracy"}}.
+signature and docstring parse already. For each seed the SFT model and each policy
+answer the held-out prompts (temperature 1, sampled with the seed) and are scored: parse
+rate (the gold reward), proxy reward, KL to the SFT model, and the share of distinct
+answers (a policy that found one answer the reward likes gives it to many prompts).
+Writes ``DIR/results.json``: {"sft", "ppo", "ppo_gold", "dpo", "grpo": {"parse_rate",
+"proxy_reward", "kl", "response_tokens", "distinct" (means over seeds),
+"worst_parse_rate", "per_seed"}, "reward_model": {"val_accuracy"}, "eval_prompts"}.
+About 20 minutes on a 2-core CPU before the first seed, and 17 minutes a seed.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def write_preferences(d: pathlib.Path, paths: dict, length: int, limit: int | No
     """preferences.jsonl: the SFT model's answers to the training and the held-out
     prompts (the first ``limit`` of each), paired by the gold reward; written once. The
     reward model holds out the held-out prompts' pairs (the same hash splits both)."""
-    path = d / "data" / "preferences.jsonl"
+    path = preferences(d)
     if path.exists():
         return
     records = [record for name in ("prompts", "held_out")
@@ -112,10 +115,64 @@ def write_preferences(d: pathlib.Path, paths: dict, length: int, limit: int | No
         [r["prompt"] for r in records], samples, [r["response"] for r in records]))  # fmt: skip
 
 
+POLICIES = ("ppo", "ppo_gold", "dpo", "grpo")
+GOLD = "genjax.rl.python_task:writes_a_body"
+
+
+def stages(d: pathlib.Path, base: str, paths: dict, length: int) -> dict:
+    """The stages run once: SFT, then the reward model on the SFT model's answers."""
+    rows = [f"data.seq_len={2 * length}", "data.global_batch_size=16", "optim.lr=3e-4"]
+    return {
+        "sft": (sft.FAMILY, [f"base={base}", f"data.path={paths['pairs']}", *rows]),
+        "rm": (reward_model.FAMILY, [f"base={d / 'sft'}", f"data.path={preferences(d)}", *rows]),
+    }
+
+
+def policy_stages(d: pathlib.Path, paths: dict, length: int, seed: int) -> dict:
+    """The stages run once a seed, each starting from the SFT model."""
+    seeded = [f"data.seed={seed}", f"run.seed={seed}"]
+    rl = [f"base={d / 'sft'}", f"data.path={paths['prompts']}", f"data.prompt_len={length}",
+          f"rl.max_new_tokens={length}", "rl.minibatches=2", "rl.epochs=2", "optim.lr=3e-5",
+          "run.log_every=5", *seeded]  # fmt: skip
+    return {
+        "ppo": (rlhf.FAMILY, [*rl, f"rl.reward={d / 'rm'}", "rl.prompts_per_update=16"]),
+        "ppo_gold": (rlhf.FAMILY, [*rl, f"rl.reward={GOLD}", "rl.prompts_per_update=16"]),
+        "dpo": (dpo.FAMILY, [f"base={d / 'sft'}", f"data.path={preferences(d)}",
+                             f"data.seq_len={2 * length}", "data.global_batch_size=16",
+                             "optim.lr=3e-5", "beta=0.1", *seeded]),
+        "grpo": (rlhf.FAMILY, [*rl, f"rl.reward={d / 'rm'}", "rl.algorithm=grpo",
+                               "rl.prompts_per_update=8", "rl.group_size=4"]),
+    }  # fmt: skip
+
+
+def preferences(d: pathlib.Path) -> pathlib.Path:
+    return d / "data" / "preferences.jsonl"
+
+
+def train(family: run.Family, assignments: list[str], workdir: pathlib.Path, steps: int) -> None:
+    cadence = [f"run.steps={steps}", f"run.checkpoint_every={steps}"]
+    if family is not rlhf.FAMILY:
+        cadence.append(f"run.eval_every={steps}")
+    print(f"== {family.name}: {workdir}", flush=True)
+    run.train(run.configure(family, "default", [*assignments, *cadence]), workdir, family)
+
+
+def score(model, params, reference, tok, prompts: list[str], d: pathlib.Path, length: int,
+          seed: int) -> dict:  # fmt: skip
+    """A policy's answers to the held-out prompts (sampled with ``seed``), scored."""
+    scores, s = rlhf.evaluate_policy(
+        model, params, reference, tok, prompts, gold=python_task.writes_a_body,
+        reward_model_dir=d / "rm", max_new_tokens=length, prompt_len=length, seed=seed,
+    )  # fmt: skip
+    distinct = len({r.strip() for r in s.responses}) / len(s.responses)
+    return {"parse_rate": scores.pop("gold_reward"), **scores, "distinct": distinct}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--base", required=True, help="the pre-trained LM run (its workdir)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the PPO, DPO and GRPO stages")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps per stage")
     args = p.parse_args(argv)
     d = pathlib.Path(args.workdir)
@@ -126,66 +183,44 @@ def main(argv=None) -> int:
         base_model = sft.base_model(args.base)
         length = min(LENGTH, base_model.max_seq_len // 2)
         paths = write_data(d, sft.base_tokenizer(args.base, base_model), length)
-        rows = [f"data.seq_len={2 * length}", "data.global_batch_size=16"]
-        preferences = d / "data" / "preferences.jsonl"
-        rl = [f"base={d / 'sft'}", f"data.path={paths['prompts']}", f"data.prompt_len={length}",
-              f"rl.max_new_tokens={length}", "rl.minibatches=2", "rl.epochs=2",
-              "optim.lr=3e-5", "run.log_every=5"]  # fmt: skip
-        gold = "genjax.rl.python_task:writes_a_body"
-        stages = {
-            "sft": (sft.FAMILY, [f"base={args.base}", f"data.path={paths['pairs']}", *rows,
-                                 "optim.lr=3e-4"]),
-            "rm": (reward_model.FAMILY, [f"base={d / 'sft'}", f"data.path={preferences}", *rows,
-                                         "optim.lr=3e-4"]),
-            "ppo": (rlhf.FAMILY, [*rl, f"rl.reward={d / 'rm'}", "rl.prompts_per_update=16"]),
-            "ppo_gold": (rlhf.FAMILY, [*rl, f"rl.reward={gold}", "rl.prompts_per_update=16"]),
-            "dpo": (dpo.FAMILY, [f"base={d / 'sft'}", f"data.path={preferences}", *rows,
-                                 "optim.lr=3e-5", "beta=0.1"]),
-            "grpo": (rlhf.FAMILY, [*rl, f"rl.reward={d / 'rm'}", "rl.algorithm=grpo",
-                                   "rl.prompts_per_update=8", "rl.group_size=4"]),
-        }  # fmt: skip
-        for name, (family, assignments) in stages.items():
+        for name, (family, assignments) in stages(d, args.base, paths, length).items():
             if name == "rm":  # its pairs are the SFT model's answers
                 write_preferences(d, paths, length, preference_prompts)
-            n = steps[name]
-            cadence = [f"run.steps={n}", f"run.checkpoint_every={n}"]
-            if family is not rlhf.FAMILY:
-                cadence.append(f"run.eval_every={n}")
-            print(f"== {family.name}: {d / name}", flush=True)
-            cfg = run.configure(family, "default", [*assignments, *cadence])
-            run.train(cfg, d / name, family)
+            train(family, assignments, d / name, steps[name])
         model = sft.base_model(d / "sft")
         tok = sft.base_tokenizer(d / "sft", model)
         reference = sft.load_base(d / "sft")
         held_out = rldata.read_jsonl(paths["held_out"], ("prompt",))[:EVAL_PROMPTS]
         prompts = [r["prompt"] for r in held_out]
-        policies = {"sft": reference}
-        for method in ("ppo", "ppo_gold", "dpo", "grpo"):
-            load = dpo.load_policy if method == "dpo" else rlhf.load_policy
-            policies[method] = load(d / method)[1]
-        results = {}
-        for method, params in policies.items():
-            scores, s = rlhf.evaluate_policy(
-                model, params, reference, tok, prompts, gold=python_task.writes_a_body,
-                reward_model_dir=d / "rm", max_new_tokens=length, prompt_len=length,
-            )  # fmt: skip
-            distinct = len({r.strip() for r in s.responses}) / len(s.responses)
-            results[method] = {"parse_rate": scores.pop("gold_reward"), **scores,
-                               "distinct": distinct}  # fmt: skip
+        per_seed = {m: [] for m in ("sft", *POLICIES)}
+        for seed in range(args.seeds):
+            per_seed["sft"].append(score(model, reference, reference, tok, prompts, d, length,
+                                         seed))  # fmt: skip
+            for method, (family, assignments) in policy_stages(d, paths, length, seed).items():
+                workdir = d / f"seed{seed}" / method
+                train(family, assignments, workdir, steps[method])
+                load = dpo.load_policy if method == "dpo" else rlhf.load_policy
+                per_seed[method].append(score(model, load(workdir)[1], reference, tok, prompts,
+                                              d, length, seed))  # fmt: skip
     except run.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    results = {m: rlhf.over_seeds(rows, "parse_rate") for m, rows in per_seed.items()}
     logged = [json.loads(line) for line in (d / "rm" / "metrics.jsonl").read_text().splitlines()]
     accuracy = [r["val_accuracy"] for r in logged if "val_accuracy" in r]
     # None where no pair was held out: every held-out prompt's answers passed.
     results["reward_model"] = {"val_accuracy": accuracy[-1] if accuracy else None}
     results["eval_prompts"] = len(prompts)
     (d / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    for method in policies:
+    print(f"{len(prompts)} held-out prompts, {args.seeds} seed(s); means over seeds")
+    print(f"{'method':8s} {'parse':>6s} {'worst':>6s} {'proxy':>6s} {'KL':>6s} {'tokens':>6s} "
+          f"{'distinct':>8s}")  # fmt: skip
+    for method in per_seed:
         r = results[method]
-        print(f"{method}: parse rate {r['parse_rate']:.3f}, proxy reward {r['proxy_reward']:.3f}, "
-              f"KL to SFT {r['kl']:.3f}, {r['response_tokens']:.1f} tokens per response, "
-              f"{r['distinct']:.0%} distinct ({len(prompts)} prompts)")  # fmt: skip
+        print(f"{method:8s} {r['parse_rate']:6.3f} {r['worst_parse_rate']:6.3f} "
+              f"{r['proxy_reward']:6.3f} {r['kl']:6.3f} {r['response_tokens']:6.1f} "
+              f"{r['distinct']:8.0%}")  # fmt: skip
+    print(f"reward model held-out pairwise accuracy: {results['reward_model']['val_accuracy']}")
     print(f"wrote {d / 'results.json'}")
     return 0
 

@@ -163,10 +163,7 @@ def main(argv=None) -> int:
         return 2
     results = {}
     for method, rows in per_seed.items():
-        keys = rows[0].keys()
-        results[method] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-        results[method]["worst_gold_reward"] = float(min(r["gold_reward"] for r in rows))
-        results[method]["per_seed"] = {k: [r[k] for r in rows] for k in keys}
+        results[method] = rlhf.over_seeds(rows, "gold_reward")
     logged = [json.loads(line) for line in (d / "rm" / "metrics.jsonl").read_text().splitlines()]
     accuracy = [r["val_accuracy"] for r in logged if "val_accuracy" in r][-1]
     results["reward_model"] = {"val_accuracy": accuracy}

@@ -644,3 +644,13 @@ def evaluate_policy(
         "response_tokens": float(np.mean(np.sum(s.mask, axis=1))),  # with the closing <eod>
     }
     return scores, s
+
+
+def over_seeds(rows: list[dict[str, float]], worst: str) -> dict:
+    """One method's scores over seeds (a row each): every score's mean, the lowest
+    ``worst`` score as ``worst_<worst>``, and each seed's scores under ``per_seed``."""
+    keys = rows[0].keys()
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    summary[f"worst_{worst}"] = float(min(r[worst] for r in rows))
+    summary["per_seed"] = {k: [r[k] for r in rows] for k in keys}
+    return summary

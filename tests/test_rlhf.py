@@ -222,16 +222,29 @@ def test_python_preferences_pair_a_rejected_answer_with_an_accepted_one_or_the_r
     assert python_task.preference_pairs(prompts[1:2], samples[1:2], ["    pass\n"]) == []
 
 
+def test_scores_over_seeds_are_means_with_the_worst_seed_and_each_seed_kept():
+    rows = [{"gold_reward": 0.5, "kl": 1.0}, {"gold_reward": 0.75, "kl": 3.0}]
+    assert rlhf.over_seeds(rows, "gold_reward") == {
+        "gold_reward": 0.625, "kl": 2.0, "worst_gold_reward": 0.5,
+        "per_seed": {"gold_reward": [0.5, 0.75], "kl": [1.0, 3.0]},
+    }  # fmt: skip
+
+
 @pytest.mark.slow
 def test_python_pipeline_reports_parse_rates(stdlib_lm, tmp_path, load_script):
     base, _ = stdlib_lm
     script = load_script("experiments/rlhf_python.py")
-    assert script.main(["--workdir", str(tmp_path), "--base", str(base), "--quick"]) == 0
+    argv = ["--workdir", str(tmp_path), "--base", str(base), "--quick", "--seeds", "2"]
+    assert script.main(argv) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     for method in ("sft", "ppo", "ppo_gold", "dpo", "grpo"):
-        assert 0 <= results[method]["parse_rate"] <= 1
-        assert {"proxy_reward", "kl"} <= set(results[method])
-        assert 0 < results[method]["distinct"] <= 1
+        r = results[method]
+        assert 0 <= r["worst_parse_rate"] <= r["parse_rate"] <= 1
+        assert {"proxy_reward", "kl"} <= set(r)
+        assert 0 < r["distinct"] <= 1
+        assert len(r["per_seed"]["parse_rate"]) == 2
+        assert r["kl"] == pytest.approx(np.mean(r["per_seed"]["kl"]))
+    assert (tmp_path / "seed1" / "grpo").is_dir()
     assert results["sft"]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert results["eval_prompts"] > 0
     assert 0 <= results["reward_model"]["val_accuracy"] <= 1  # held-out prompts' pairs
