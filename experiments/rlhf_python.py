@@ -32,7 +32,7 @@ answers (a policy that found one answer the reward likes gives it to many prompt
 Writes ``DIR/results.json``: {"sft", "ppo", "ppo_gold", "dpo", "grpo": {"parse_rate",
 "proxy_reward", "kl", "response_tokens", "distinct" (means over seeds),
 "worst_parse_rate", "per_seed"}, "reward_model": {"val_accuracy"}, "eval_prompts"}.
-About 20 minutes on a 2-core CPU before the first seed, and 17 minutes a seed.
+About 20 minutes on a 2-core CPU before the first seed, then 20 minutes a seed.
 """
 
 from __future__ import annotations
