@@ -175,6 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="seeds of the PPO, DPO and GRPO stages")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps per stage")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds {args.seeds} must be >= 1")
     d = pathlib.Path(args.workdir)
     steps = (dict(sft=4, rm=4, ppo=2, ppo_gold=2, dpo=2, grpo=2) if args.quick
              else dict(sft=300, rm=200, ppo=100, ppo_gold=100, dpo=100, grpo=50))  # fmt: skip

@@ -130,6 +130,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="seeds of the PPO, DPO and GRPO stages")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps per stage")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds {args.seeds} must be >= 1")
     d = pathlib.Path(args.workdir)
     paths = walks.write_task(d / "data", walks=2_000 if args.quick else 20_000,
                              pairs=400 if args.quick else 4_000)  # fmt: skip

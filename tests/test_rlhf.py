@@ -230,6 +230,19 @@ def test_scores_over_seeds_are_means_with_the_worst_seed_and_each_seed_kept():
     }  # fmt: skip
 
 
+@pytest.mark.parametrize("script", ["rlhf_random_walks.py", "rlhf_python.py"])
+def test_pipelines_refuse_no_seeds_before_writing(script, load_script, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    base = [] if script == "rlhf_random_walks.py" else ["--base", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_:
+        load_script(f"experiments/{script}").main(
+            ["--workdir", str(workdir), *base, "--seeds", "0"]
+        )
+    assert exit_.value.code == 2
+    assert "--seeds 0 must be >= 1" in capsys.readouterr().err
+    assert not workdir.exists()
+
+
 @pytest.mark.slow
 def test_python_pipeline_reports_parse_rates(stdlib_lm, tmp_path, load_script):
     base, _ = stdlib_lm
