@@ -209,9 +209,9 @@ def main(argv=None) -> int:
         return 2
     results = {m: rlhf.over_seeds(rows, "parse_rate") for m, rows in per_seed.items()}
     logged = [json.loads(line) for line in (d / "rm" / "metrics.jsonl").read_text().splitlines()]
-    accuracy = [r["val_accuracy"] for r in logged if "val_accuracy" in r]
+    accuracies = [r["val_accuracy"] for r in logged if "val_accuracy" in r]
     # None where no pair was held out: every held-out prompt's answers passed.
-    results["reward_model"] = {"val_accuracy": accuracy[-1] if accuracy else None}
+    results["reward_model"] = {"val_accuracy": accuracies[-1] if accuracies else None}
     results["eval_prompts"] = len(prompts)
     (d / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"{len(prompts)} held-out prompts, {args.seeds} seed(s); means over seeds")
@@ -222,7 +222,9 @@ def main(argv=None) -> int:
         print(f"{method:8s} {r['parse_rate']:6.3f} {r['worst_parse_rate']:6.3f} "
               f"{r['proxy_reward']:6.3f} {r['kl']:6.3f} {r['response_tokens']:6.1f} "
               f"{r['distinct']:8.0%}")  # fmt: skip
-    print(f"reward model held-out pairwise accuracy: {results['reward_model']['val_accuracy']}")
+    accuracy = results["reward_model"]["val_accuracy"]
+    print("reward model held-out pairwise accuracy: "
+          + (f"{accuracy:.1%}" if accuracy is not None else "no pair held out"))  # fmt: skip
     print(f"wrote {d / 'results.json'}")
     return 0
 

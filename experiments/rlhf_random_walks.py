@@ -163,9 +163,7 @@ def main(argv=None) -> int:
     except run.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = {}
-    for method, rows in per_seed.items():
-        results[method] = rlhf.over_seeds(rows, "gold_reward")
+    results = {m: rlhf.over_seeds(rows, "gold_reward") for m, rows in per_seed.items()}
     logged = [json.loads(line) for line in (d / "rm" / "metrics.jsonl").read_text().splitlines()]
     accuracy = [r["val_accuracy"] for r in logged if "val_accuracy" in r][-1]
     results["reward_model"] = {"val_accuracy": accuracy}
