@@ -138,6 +138,19 @@ def test_every_sampler_recovers_a_gaussian_from_its_exact_score(name, options, s
     np.testing.assert_allclose(np.cov(out.T), np.diag(VAR), atol=0.08 * float(VAR.max()))
 
 
+def test_ddim_step_whose_noise_takes_all_of_the_next_level_stays_finite():
+    # η = 1 from σ_max straight to σ_min: σ_up rounds to σ_next, and σ_next² − σ_up², fused
+    # into an FMA, once rounded below 0 and made every sample NaN.
+    p = PROCESSES["edm"]
+    x = _exact_marginal(p.sigma_max, jax.random.key(0))
+    sigmas = samplers.karras_sigmas(2, p.sigma_min, p.sigma_max)
+    ancestral = functools.partial(samplers.ddim, exact_denoiser, eta=1.0)
+    out = np.asarray(jax.jit(lambda x, k: ancestral(x, sigmas, key=k))(x, jax.random.key(1)))
+    assert np.isfinite(out).all()
+    # From σ_max one step lands on the data's mean: D(x̂, 80) ≈ μ for this Gaussian.
+    np.testing.assert_allclose(out.mean(axis=0), MU, atol=0.06)
+
+
 def test_samplers_on_a_vp_schedule_recover_the_gaussian_too():
     p = PROCESSES["vp"]
     x = _exact_marginal(p.sigma_max_effective, jax.random.key(0))

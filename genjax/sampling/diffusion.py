@@ -87,7 +87,8 @@ def ddim(denoiser: Denoiser, x, sigmas, *, key, eta: float = 0.0) -> jax.Array:
         up = jnp.minimum(
             sigma_next, eta * jnp.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2)) / sigma
         )
-        down = jnp.sqrt(sigma_next**2 - up**2)
+        # Where σ_up is σ_next, σ_next² − σ_up² fused into an FMA can round below 0.
+        down = jnp.sqrt(jnp.maximum(sigma_next**2 - up**2, 0.0))
         x = denoised + down * (x - denoised) / sigma
         return x + up * jax.random.normal(k, x.shape, x.dtype), None
 
