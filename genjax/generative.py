@@ -138,8 +138,16 @@ def score_images(
 
 
 def quantized(x_unit: np.ndarray, levels: int) -> np.ndarray:
-    """Samples in [−1, 1] rounded to the nearest of the data's levels (still in [−1, 1])."""
-    return imagelib.to_unit(imagelib.to_levels(np.asarray(x_unit), levels), levels)
+    """Samples in [−1, 1] rounded to the nearest of the data's levels (still in [−1, 1]).
+    Samples that are not finite are refused: rounded, NaN would score as level 0."""
+    x_unit = np.asarray(x_unit)
+    if not np.isfinite(x_unit).all():
+        bad = int((~np.isfinite(x_unit)).reshape(len(x_unit), -1).any(axis=1).sum())
+        raise ValueError(
+            f"{bad} of {len(x_unit)} samples hold NaN or inf: the sampler or the weights "
+            "diverged, and such samples cannot be scored"
+        )
+    return imagelib.to_unit(imagelib.to_levels(x_unit, levels), levels)
 
 
 def _image_data(cfg: DataConfig, workdir: pathlib.Path, sampling: Sampling) -> run.Data:

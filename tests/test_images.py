@@ -59,6 +59,16 @@ def test_to_unit_and_to_levels_round_trip():
     assert images.to_levels(np.zeros(2), 1000).dtype == np.int32
 
 
+def test_samples_that_are_not_finite_are_refused_before_scoring():
+    from genjax import generative
+
+    samples = np.zeros((4, 8, 8, 1), np.float32)
+    np.testing.assert_array_equal(generative.quantized(samples + 0.01, 17), 0.0)
+    samples[1, 2, 3], samples[3, 0, 0] = np.nan, np.inf
+    with pytest.raises(ValueError, match="2 of 4 samples hold NaN or inf"):
+        generative.quantized(samples, 17)
+
+
 def test_dequantize_stays_in_each_level_bin():
     x = np.repeat(np.arange(17, dtype=np.uint8), 200)
     z = np.asarray(images.dequantize(x, 17, key=jax.random.key(0)))
