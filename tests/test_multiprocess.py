@@ -1,7 +1,11 @@
 """Multi-host is the same program: two processes on loopback (gloo), 4 CPU devices
-each, train the same run as one process with 8 devices."""
+each, train the same run as one process with 8 devices — joined by hand
+(``--coordinator``), and launched by tpu_scripts/slurm_gpu.sbatch (``--distributed``
+reading SLURM's environment)."""
 
 import os
+import pathlib
+import random
 import socket
 import subprocess
 import sys
@@ -12,6 +16,7 @@ import pytest
 from tests.test_lm_pretrain import COMMON, SCRIPT, _losses, _run, corpus  # noqa: F401
 
 pytestmark = pytest.mark.slow
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -28,20 +33,80 @@ def _start_process(i, workdir, corpus, port, env):  # noqa: F811
     )
 
 
-def test_two_processes_match_one_process(tmp_path, corpus):  # noqa: F811
-    single = tmp_path / "single"
+@pytest.fixture(scope="module")
+def one_process_losses(tmp_path_factory, corpus):  # noqa: F811
+    single = tmp_path_factory.mktemp("single")
     _run(single, corpus)
-    multi = tmp_path / "multi"
-    port = _free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    procs = [_start_process(i, multi, corpus, port, env) for i in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-4000:]
-    one, two = _losses(single), _losses(multi)
+    return _losses(single)
+
+
+def _two_process_env() -> dict[str, str]:
+    return dict(
+        os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="--xla_force_host_platform_device_count=4"
+    )
+
+
+def _assert_same_losses(two, one):
     assert sorted(two) == sorted(one)
     # Same global batches and math; collectives sum in another order.
     np.testing.assert_allclose(
         [two[s] for s in sorted(two)], [one[s] for s in sorted(one)], rtol=2e-5
     )
+
+
+def test_two_processes_match_one_process(tmp_path, corpus, one_process_losses):  # noqa: F811
+    multi = tmp_path / "multi"
+    port = _free_port()
+    env = _two_process_env()
+    procs = [_start_process(i, multi, corpus, port, env) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-4000:]
+    _assert_same_losses(_losses(multi), one_process_losses)
+
+
+# What SLURM's srun does on one node: start SLURM_NTASKS copies of the command, each told
+# its rank (SLURM_PROCID, SLURM_LOCALID) and the step's nodes.
+FAKE_SRUN = f"""#!{sys.executable}
+import os, subprocess, sys
+flag, *command = sys.argv[1:]
+assert flag == "--kill-on-bad-exit=1", flag
+tasks = []
+for rank in range(int(os.environ["SLURM_NTASKS"])):
+    env = dict(os.environ, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+               SLURM_STEP_NODELIST="localhost")
+    tasks.append(subprocess.Popen(command, env=env))
+sys.exit(max(task.wait() for task in tasks))
+"""
+
+
+def _slurm_job_id() -> int:
+    """A job id whose coordinator port (JAX: 61440 + id mod 4096) is free here."""
+    for job_id in random.sample(range(4096), 64):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 61440 + job_id))
+            except OSError:
+                continue
+        return job_id
+    raise RuntimeError("no free port in 61440-65535")
+
+
+def test_slurm_launcher_joins_the_tasks_into_one_run(tmp_path, corpus, one_process_losses):  # noqa: F811
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    env = _two_process_env() | {"PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                "PYTHON": sys.executable, "SLURM_NTASKS": "2",
+                                "SLURM_JOB_ID": str(_slurm_job_id())}  # fmt: skip
+    workdir = tmp_path / "slurm"
+    cmd = ["bash", "tpu_scripts/slurm_gpu.sbatch", "experiments/lm_pretrain.py",
+           "--workdir", str(workdir), "--corpus", str(corpus), *COMMON]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    _assert_same_losses(_losses(workdir), one_process_losses)
+
+    refused = subprocess.run(["bash", "tpu_scripts/slurm_gpu.sbatch", "experiments/missing.py"],
+                             cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and "give the experiment script" in refused.stderr
