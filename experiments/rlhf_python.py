@@ -154,7 +154,7 @@ def train(family: run.Family, assignments: list[str], workdir: pathlib.Path, ste
     if family is not rlhf.FAMILY:
         cadence.append(f"run.eval_every={steps}")
     print(f"== {family.name}: {workdir}", flush=True)
-    run.train(run.configure(family, "default", [*assignments, *cadence]), workdir, family)
+    run.train_to_end(run.configure(family, "default", [*assignments, *cadence]), workdir, family)
 
 
 def score(model, params, reference, tok, prompts: list[str], d: pathlib.Path, length: int,
@@ -207,6 +207,9 @@ def main(argv=None) -> int:
     except run.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except run.Stopped as e:  # the next stages would start from an unfinished one
+        print(f"stopped: {e}", file=sys.stderr)
+        return run.EXIT_STOPPED
     results = {m: rlhf.over_seeds(rows, "parse_rate") for m, rows in per_seed.items()}
     logged = [json.loads(line) for line in (d / "rm" / "metrics.jsonl").read_text().splitlines()]
     accuracies = [r["val_accuracy"] for r in logged if "val_accuracy" in r]

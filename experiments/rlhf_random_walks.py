@@ -88,7 +88,7 @@ def policy_stages(paths: dict, steps: dict[str, int], d: pathlib.Path, seed: int
 
 def train(family, preset: str, assignments: list[str], workdir: pathlib.Path) -> None:
     print(f"== {family.name}: {workdir}", flush=True)
-    run.train(run.configure(family, preset, assignments), workdir, family)
+    run.train_to_end(run.configure(family, preset, assignments), workdir, family)
 
 
 def score(model, params, reference, tok, rm_dir, samples_per_start: int, seed: int) -> dict:
@@ -163,6 +163,9 @@ def main(argv=None) -> int:
     except run.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except run.Stopped as e:  # the next stages would start from an unfinished one
+        print(f"stopped: {e}", file=sys.stderr)
+        return run.EXIT_STOPPED
     results = {m: rlhf.over_seeds(rows, "gold_reward") for m, rows in per_seed.items()}
     logged = [json.loads(line) for line in (d / "rm" / "metrics.jsonl").read_text().splitlines()]
     accuracy = [r["val_accuracy"] for r in logged if "val_accuracy" in r][-1]

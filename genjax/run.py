@@ -10,7 +10,8 @@ family:
 
     main(family)     the command line every experiment script uses: --workdir
                      --preset --steps --seed --mesh --checkpoint-every --set,
-                     multi-process flags, errors as one message and exit code 2
+                     multi-process flags, errors as one message and exit code 2,
+                     a run stopped by a signal exit code 3
     train(cfg, ...)  validate before any compile, refuse another run's checkpoints,
                      restore (into abstract shapes: nothing is initialized first)
                      or create the state sharded, fit, evaluate, sample
@@ -151,6 +152,16 @@ class FitResult:
     state: State
     stopped_by_signal: str | None = None  # "SIGTERM", "SIGINT" or "preemption" when stopped
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # evaluation at the end
+
+
+class Stopped(Exception):
+    """A run that a signal (SIGTERM, SIGINT, a preemption) stopped before its last step,
+    after saving a checkpoint: the same command resumes it."""
+
+
+# The exit code of a command whose run was stopped: a scheduler tells it from a finished
+# run (0) and from bad input (2), and can requeue the job.
+EXIT_STOPPED = 3
 
 
 class _StopSignals:
@@ -415,6 +426,19 @@ def train(cfg: Any, workdir: str | pathlib.Path, family: Family) -> FitResult:
     return result
 
 
+def train_to_end(cfg: Any, workdir: str | pathlib.Path, family: Family) -> FitResult:
+    """``train``, raising ``Stopped`` when a signal stopped the run early: for commands and
+    pipelines, whose next stage must not start from an unfinished run."""
+    result = train(cfg, workdir, family)
+    if result.stopped_by_signal is not None:
+        raise Stopped(
+            f"{family.name} stopped by {result.stopped_by_signal} at step "
+            f"{int(jax.device_get(result.state.step))} of {cfg.run.steps}, its checkpoint "
+            "saved; run the same command again to resume"
+        )
+    return result
+
+
 def _global_batches(local_batches: Iterator[Batch], mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
     """Each process's batches as global arrays; the first is checked against the mesh."""
     for i, local in enumerate(local_batches):
@@ -585,7 +609,8 @@ def one_line_warnings():
 def main(family: Family, argv: Sequence[str] | None = None, description: str | None = None) -> int:
     """Parses the command line, joins a multi-process run if asked, trains; returns the
     exit code. Bad input (config, mesh, data, checkpoints) and a diverged run end
-    with one message on stderr and exit code 2."""
+    with one message on stderr and exit code 2; a run a signal stopped (its checkpoint
+    saved) with one message and ``EXIT_STOPPED``."""
     args = parser(family, description).parse_args(argv)
     with one_line_warnings():
         try:
@@ -596,8 +621,11 @@ def main(family: Family, argv: Sequence[str] | None = None, description: str | N
                 meshlib.initialize_distributed(
                     args.coordinator, args.num_processes, args.process_id
                 )
-            train(cfg, args.workdir, family)
+            train_to_end(cfg, args.workdir, family)
         except USER_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except Stopped as e:
+            print(f"stopped: {e}", file=sys.stderr)
+            return EXIT_STOPPED
     return 0

@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pytest
 
+from genjax import run
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "lm_pretrain.py"
 STEPS = 40
@@ -122,6 +124,8 @@ def _interrupt_and_resume(tmp_path, corpus, sig):
     )
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:  # stopped, not finished: a scheduler can tell
+        assert proc.returncode == run.EXIT_STOPPED, out
     stopped_at = max(_losses(workdir))
     assert stopped_at < STEPS, out
     saved_before_resume = _committed_steps(workdir)

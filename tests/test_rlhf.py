@@ -6,6 +6,7 @@ import json
 import pathlib
 import runpy
 import sys
+import types
 import warnings
 
 import jax
@@ -241,6 +242,26 @@ def test_pipelines_refuse_no_seeds_before_writing(script, load_script, tmp_path,
     assert exit_.value.code == 2
     assert "--seeds 0 must be >= 1" in capsys.readouterr().err
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("script", ["rlhf_random_walks.py", "rlhf_python.py"])
+def test_pipelines_stop_at_a_stage_a_signal_stopped(
+    script, load_script, stdlib_lm, tmp_path, monkeypatch, capsys
+):
+    """A stage that SIGTERM stopped is unfinished: the next stages must not start from it."""
+    trained = []
+
+    def stopped_by_sigterm(cfg, workdir, family):
+        trained.append(family.name)
+        return run.FitResult(state=types.SimpleNamespace(step=7), stopped_by_signal="SIGTERM")
+
+    monkeypatch.setattr(run, "train", stopped_by_sigterm)
+    base = [] if script == "rlhf_random_walks.py" else ["--base", str(stdlib_lm[0])]
+    argv = ["--workdir", str(tmp_path), *base, "--quick", "--seeds", "1"]
+    assert load_script(f"experiments/{script}").main(argv) == run.EXIT_STOPPED
+    assert len(trained) == 1
+    assert f"stopped: {trained[0]} stopped by SIGTERM at step 7 of " in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
 
 
 @pytest.mark.slow

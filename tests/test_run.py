@@ -126,6 +126,31 @@ def test_non_finite_loss_in_either_network_stops_before_a_checkpoint(tmp_path, l
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state)))
 
 
+def test_a_signal_stops_the_command_with_its_own_exit_code_and_the_run_resumes(tmp_path, capsys):
+    """SIGTERM mid-run: a checkpoint at that step, exit code 3 (a scheduler's cue to
+    requeue), and the same command finishes the run."""
+    sent = []
+
+    def sigterm_at_third_batch(batch):  # read as the loop asks for batch 3
+        if len(sent) < 3:
+            sent.append(batch)
+            if len(sent) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would
+        return batch
+
+    def data_that_sends_sigterm_once(cfg, workdir):
+        return toy_gan.data(cfg, workdir, lambda c: toy_gan.batches(c).map(sigterm_at_third_batch))
+
+    family = dataclasses.replace(toy_gan.FAMILY, data=data_that_sends_sigterm_once)
+    argv = ["--workdir", str(tmp_path)]
+    assert run.main(family, argv) == run.EXIT_STOPPED == 3
+    err = capsys.readouterr().err
+    assert "stopped: toy-gan stopped by SIGTERM at step 3 of 40" in err
+    assert _committed(tmp_path) == [3]
+    assert run.main(family, argv) == 0
+    assert _committed(tmp_path)[-1] == 40 and len(sent) == 3
+
+
 def test_load_restores_the_whole_state_of_a_family(tmp_path):
     run.train(_config("run.steps=8"), tmp_path, toy_gan.FAMILY)
     loaded = run.load(tmp_path, toy_gan.FAMILY)

@@ -1,11 +1,14 @@
 """tpu_scripts/tpu_vm.sh against a stand-in for gcloud: it records every call, checks the
 shell syntax of each command sent to the hosts, and, where a test asks, runs that command
 here as the one host of a slice (its home directory a temporary folder, its venv's python
-a script that records its arguments and waits for SIGTERM)."""
+a script that records its arguments and waits for SIGTERM). slurm_gpu.sbatch against
+stand-ins for srun and scontrol (tests/test_multiprocess.py trains through it)."""
 
+import contextlib
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import tarfile
@@ -37,8 +40,8 @@ if args[3] == "ssh":
 
 FAKE_PYTHON = """\
 #!/usr/bin/env bash
-printf '%s\\n' "$@" > ~/args.txt
 trap 'echo terminated > ~/stopped.txt; exit 0' TERM
+printf '%s\\n' "$@" > ~/args.part && mv ~/args.part ~/args.txt
 while true; do sleep 0.05; done
 """
 
@@ -78,6 +81,7 @@ def test_create_names_the_slice_its_type_and_the_generations_software(slice_env)
                  "--zone=us-central2-b", "--project=my-project"):  # fmt: skip
         assert flag in call, call
     out = run_script(slice_env, "create")  # the defaults: v4-8, no spot, gcloud's project
+    assert out.returncode == 0, out.stderr
     call = calls(slice_env)[-1]
     assert "--version=tpu-ubuntu2204-base" in call and "--accelerator-type=v4-8" in call
     assert "--spot" not in call and not any(a.startswith("--project") for a in call)
@@ -95,12 +99,16 @@ def test_setup_copies_the_tracked_files_installs_and_mounts_the_bucket(slice_env
     assert ssh[3:5] == ["ssh", "my-slice"] and "--worker=all" in ssh
     (command,) = [a.removeprefix("--command=") for a in ssh if a.startswith("--command=")]
     assert "pip install -q -e '.[tpu]'" in command
+    # What the host must expand is sent unexpanded.
+    assert "sudo chown $(id -u):$(id -g) /mnt/genjax" in command
+    assert "gcsfuse-'$(lsb_release -cs)' main" in command
     assert "gcsfuse --implicit-dirs my-bucket /mnt/genjax" in command
 
 
-def test_launch_runs_the_script_with_distributed_and_stop_sends_sigterm(slice_env):
+def test_launch_runs_the_script_with_distributed_and_stop_sends_sigterm(slice_env, request):
     env = slice_env | {"FAKE_HOST_RUNS": "1"}
     home = pathlib.Path(env["FAKE_HOST_HOME"])
+    request.addfinalizer(lambda: _kill_run(home))
     workdir = "/mnt/genjax/runs/my lm"  # a space: the arguments reach the host as given
     assert "no run" in run_script(env, "stop").stdout
     out = run_script(env, "launch", "experiments/lm_pretrain.py", "--workdir", workdir)
@@ -120,6 +128,15 @@ def test_launch_runs_the_script_with_distributed_and_stop_sends_sigterm(slice_en
     while not (home / "stopped.txt").exists() and time.time() < deadline:
         time.sleep(0.05)
     assert (home / "stopped.txt").read_text() == "terminated\n"
+    while "no run" not in (last := run_script(env, "stop").stdout) and time.time() < deadline:
+        time.sleep(0.05)  # the pid file outlives the run: it is no longer taken for one
+    assert "no run" in last
+
+
+def _kill_run(home: pathlib.Path) -> None:
+    """A run a failed test left going."""
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
+        os.kill(int((home / "genjax.pid").read_text()), signal.SIGKILL)
 
 
 @pytest.mark.parametrize(
@@ -129,6 +146,7 @@ def test_launch_runs_the_script_with_distributed_and_stop_sends_sigterm(slice_en
         (["create"], {"TPU_ZONE": ""}, "set TPU_ZONE"),
         (["create"], {"TPU_TYPE": "v9-8"}, "no default TPU_VERSION for TPU_TYPE=v9-8"),
         (["create", "--preemptible"], {}, "create takes only --spot"),
+        (["setup", "gs://my-bucket/runs"], {}, "is not a bucket name"),
         (["resize"], {}, "unknown command resize"),
         (["launch"], {}, "launch needs a script"),
         (["launch", "experiments/missing.py"], {}, "no script experiments/missing.py"),
@@ -148,3 +166,26 @@ def test_help_prints_the_commands():
         tpu_scripts/tpu_vm.sh create [--spot]""")
         in out.stderr
     )
+
+
+def test_slurm_job_requeues_itself_when_the_run_was_stopped(tmp_path):
+    """Exit code 3 (SIGTERM before the time limit, a checkpoint saved): requeue; any other
+    code is the job's own."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("srun", "scontrol"):
+        record = f'echo "{name} $*" >> {tmp_path / "calls"}'
+        exit_with = "exit $SRUN_EXIT" if name == "srun" else ""
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{record}\n{exit_with}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    cmd = ["bash", "tpu_scripts/slurm_gpu.sbatch", "experiments/lm_pretrain.py", "--workdir", "w"]
+    for srun_exit, requeued in (("3", True), ("0", False), ("1", False)):
+        (tmp_path / "calls").unlink(missing_ok=True)
+        out = subprocess.run(cmd, cwd=ROOT, env=env | {"SRUN_EXIT": srun_exit}, text=True,
+                             capture_output=True)  # fmt: skip
+        assert out.returncode == int(srun_exit), out.stderr
+        srun, *rest = (tmp_path / "calls").read_text().splitlines()
+        assert srun.endswith("experiments/lm_pretrain.py --workdir w --distributed")
+        assert "--gpu-bind=none" in srun
+        assert rest == (["scontrol requeue 4242"] if requeued else [])

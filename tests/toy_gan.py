@@ -95,13 +95,18 @@ def make_step(cfg: Config):
     return step
 
 
-def data(cfg: Config, workdir) -> run.Data:
+def batches(cfg: Config) -> grain.MapDataset:
+    """This process's batches of ring points, repeated."""
     angles = 2 * np.pi * np.random.default_rng(0).integers(0, 8, 512) / 8
     ring = np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32)
     k, n = cfg.model.updates_per_step, jax.process_count()
     ds = grain.MapDataset.source(ring).shuffle(seed=0).batch(k).batch(cfg.model.batch // n)
-    ds = ds[jax.process_index() :: n].repeat().map(lambda x: {"x": x})
-    return run.Data(iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0))), describe="ring")
+    return ds[jax.process_index() :: n].repeat().map(lambda x: {"x": x})
+
+
+def data(cfg: Config, workdir, batches=batches) -> run.Data:
+    ds = batches(cfg).to_iter_dataset(grain.ReadOptions(num_threads=0))
+    return run.Data(iter(ds), describe="ring")
 
 
 FAMILY = run.Family(

@@ -26,6 +26,9 @@ REMOTE_DIR=genjax
 LOG=genjax.log
 PID=genjax.pid
 MOUNT=/mnt/genjax  # where `setup` mounts the bucket
+# A host's test for a run of ours going on (a pid file may outlive its process).
+RUNNING="[ -f ~/$PID ] && grep -qa -- --distributed /proc/\$(cat ~/$PID)/cmdline 2> /dev/null"
+APT="sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -qq"
 
 die() {
   echo "tpu_vm.sh: $*" >&2
@@ -60,14 +63,16 @@ on_every_host() {
   tpu_vm ssh "$TPU_NAME" --worker=all --command="$1"
 }
 
-create() {
-  (($# == 0)) || [[ $* == --spot ]] || die "create takes only --spot, not $*"
-  tpu_vm create "$TPU_NAME" --accelerator-type="$TPU_TYPE" --version="$TPU_VERSION" \
-    --scopes=https://www.googleapis.com/auth/cloud-platform "$@"
-}
-
 checkout_root() {
   git -C "$(dirname "$0")" rev-parse --show-toplevel
+}
+
+create() {
+  (($# == 0)) || [[ $* == --spot ]] || die "create takes only --spot, not $*"
+  local type=${TPU_TYPE:-v4-8} version
+  version=${TPU_VERSION:-$(default_version "$type")}
+  tpu_vm create "$TPU_NAME" --accelerator-type="$type" --version="$version" \
+    --scopes=https://www.googleapis.com/auth/cloud-platform "$@"
 }
 
 # Copies this checkout as it is now (the files git tracks, and new ones it does not
@@ -76,16 +81,22 @@ checkout_root() {
 setup() {
   (($# <= 1)) || die "setup takes at most one argument, a bucket, not: $*"
   local bucket=${1:-}
-  local root staging
+  bucket=${bucket#gs://}
+  bucket=${bucket%/}
+  [[ -z $bucket || $bucket =~ ^[a-z0-9][a-z0-9._-]*[a-z0-9]$ ]] ||
+    die "setup: '$1' is not a bucket name (a bucket, not a folder in one: gs://my-bucket)"
+  local root
   root=$(checkout_root)
-  staging=$(mktemp -d)
-  git -C "$root" ls-files -z --cached --others --exclude-standard |
-    tar -C "$root" --null -T - -czf "$staging/genjax.tar.gz"
+  staging=$(mktemp -d)  # global: the trap runs after this function has returned
+  trap 'rm -rf "$staging"' EXIT
+  # Paths git still lists but that were deleted from the working tree are left out.
+  (cd "$root" && git ls-files -z --cached --others --exclude-standard |
+    while IFS= read -r -d '' f; do [[ -e $f ]] && printf '%s\0' "$f"; done |
+    COPYFILE_DISABLE=1 tar --null -T - -czf "$staging/genjax.tar.gz")
   tpu_vm scp "$staging/genjax.tar.gz" "$TPU_NAME:genjax.tar.gz" --worker=all
-  rm -r "$staging"
   local install="set -euo pipefail
-sudo apt-get update -qq
-sudo apt-get install -y -qq python3.11 python3.11-venv
+if $RUNNING; then echo \"\$(hostname): a run is going on; tpu_vm.sh stop it first\" >&2; exit 1; fi
+$APT update && $APT install -y python3.11 python3.11-venv
 rm -rf ~/$REMOTE_DIR && mkdir -p ~/$REMOTE_DIR && tar -xzf ~/genjax.tar.gz -C ~/$REMOTE_DIR
 cd ~/$REMOTE_DIR && python3.11 -m venv .venv
 .venv/bin/pip install -q -U pip && .venv/bin/pip install -q -e '.[tpu]'
@@ -94,9 +105,9 @@ cd ~/$REMOTE_DIR && python3.11 -m venv .venv
     install+="
 echo 'deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-'\$(lsb_release -cs)' main' | sudo tee /etc/apt/sources.list.d/gcsfuse.list
 curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc > /dev/null
-sudo apt-get update -qq && sudo apt-get install -y -qq fuse gcsfuse
+$APT update && $APT install -y fuse gcsfuse
 sudo mkdir -p $MOUNT && sudo chown \$(id -u):\$(id -g) $MOUNT
-mountpoint -q $MOUNT || gcsfuse --implicit-dirs ${bucket#gs://} $MOUNT"
+mountpoint -q $MOUNT || gcsfuse --implicit-dirs $bucket $MOUNT"
   fi
   on_every_host "$install"
 }
@@ -107,11 +118,9 @@ launch() {
     die "launch: no script $1 in this checkout (a path from its root, e.g. experiments/lm_pretrain.py)"
   local command
   printf -v command '%q ' "$@"
-  on_every_host "cd ~/$REMOTE_DIR
-if [ -f ~/$PID ] && kill -0 \$(cat ~/$PID) 2> /dev/null; then
-  echo \"\$(hostname): a run is going on; tpu_vm.sh stop it first\" >&2; exit 1
-fi
-nohup .venv/bin/python $command--distributed > ~/$LOG 2>&1 < /dev/null &
+  on_every_host "cd ~/$REMOTE_DIR || { echo \"\$(hostname): no ~/$REMOTE_DIR; run tpu_vm.sh setup first\" >&2; exit 1; }
+if $RUNNING; then echo \"\$(hostname): a run is going on; tpu_vm.sh stop it first\" >&2; exit 1; fi
+nohup .venv/bin/python $command--distributed >> ~/$LOG 2>&1 < /dev/null &
 echo \$! > ~/$PID
 echo \"\$(hostname): started; its log is ~/$LOG\""
 }
@@ -122,8 +131,8 @@ logs() {
 
 # SIGTERM: genjax saves a checkpoint (on a slice, at JAX's preemption sync point) and exits.
 stop() {
-  on_every_host "if [ -f ~/$PID ] && kill -TERM \$(cat ~/$PID) 2> /dev/null; then
-  echo \"\$(hostname): stopping; it saves a checkpoint first\"
+  on_every_host "if $RUNNING; then
+  kill -TERM \$(cat ~/$PID) && echo \"\$(hostname): stopping; it saves a checkpoint first\"
 else
   echo \"\$(hostname): no run\"
 fi"
@@ -143,7 +152,5 @@ case "$action" in
 esac
 [[ -n ${TPU_NAME:-} ]] || die "set TPU_NAME, the slice's name (e.g. export TPU_NAME=my-slice)"
 [[ -n ${TPU_ZONE:-} ]] || die "set TPU_ZONE, the slice's zone (e.g. export TPU_ZONE=us-central2-b)"
-TPU_TYPE=${TPU_TYPE:-v4-8}
-TPU_VERSION=${TPU_VERSION:-$(default_version "$TPU_TYPE")}
 command -v gcloud > /dev/null || die "gcloud is not on PATH; install the Google Cloud CLI"
 "$action" "$@"
