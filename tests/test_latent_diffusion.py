@@ -3,6 +3,7 @@ batches, and the refusals: another latent size, another VAE on resume, no VAE.""
 
 import json
 import pathlib
+import types
 
 import jax
 import numpy as np
@@ -23,6 +24,22 @@ def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("latent")
     assert latent_diffusion.main(["--workdir", str(workdir), "--preset", "tiny"]) == 0
     return workdir
+
+
+def test_a_vae_stopped_by_a_signal_is_not_trained_on(tmp_path, monkeypatch, capsys):
+    """SIGTERM while the VAE trains on the way: exit code 3, and no latent model starts
+    from the unfinished VAE."""
+    trained = []
+
+    def stopped_by_sigterm(cfg, workdir, family):
+        trained.append(family.name)
+        return run.FitResult(state=types.SimpleNamespace(step=5), stopped_by_signal="SIGTERM")
+
+    monkeypatch.setattr(run, "train", stopped_by_sigterm)
+    argv = ["--workdir", str(tmp_path), "--preset", "tiny"]
+    assert latent_diffusion.main(argv) == run.EXIT_STOPPED
+    assert trained == [vae_family.IMAGES.name]
+    assert "stopped by SIGTERM at step 5" in capsys.readouterr().err
 
 
 def test_tiny_preset_trains_the_vae_then_writes_samples_picture_and_scores(trained):
