@@ -58,3 +58,13 @@ def stdlib_lm(tmp_path_factory):
     ])  # fmt: skip
     run.train(cfg, root / "lm", lm.FAMILY)
     return root / "lm", corpus
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_run(tmp_path_factory, load_script):
+    """The digits diffusion experiment at its tiny preset, trained the way the quality
+    benchmark trains its seeds (``experiments/diffusion_digits.py`` in a subprocess): its
+    workdir, ``.../seed-0``."""
+    quality = load_script("experiments/benchmarks/diffusion_digits_quality.py")
+    (workdir,) = quality.train_runs(1, tmp_path_factory.mktemp("digits"), "tiny")
+    return workdir

@@ -148,12 +148,12 @@ def test_diffusion_speed_benchmark_runs_the_genjax_side(tmp_path):
 
 
 @pytest.mark.slow
-def test_diffusion_digits_quality_trains_a_run_and_scores_it(tmp_path):
+def test_diffusion_digits_quality_scores_a_run(tmp_path, tiny_digits_run):
     plot = tmp_path / "steps.png"
     out = _run_script(
-        "diffusion_digits_quality.py", "--train-seeds", "1", "--preset", "tiny",
-        "--train-dir", str(tmp_path / "runs"), "--num", "20", "--samplers", "ddim-2", "ode",
-        "--gmm-ks", "2", "--steps-plot", str(plot), "--set", "sample.eta=1",
+        "diffusion_digits_quality.py", "--workdirs", str(tiny_digits_run), "--num", "20",
+        "--samplers", "ddim-2", "ode", "--gmm-ks", "2", "--steps-plot", str(plot),
+        "--set", "sample.eta=1",
     )  # fmt: skip
     for row in ("| seed-0 (step 20) | ", "| real-vs-real floor | ", "| genjax, seed-0 (step 20) |",
                 "| GaussianMixture, k = 10, full covariance |", "| DDIM | 2 | 2 | ", "DDIM's η 1):",

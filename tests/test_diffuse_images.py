@@ -19,26 +19,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = run.configure(diffuse.IMAGES, "tiny")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("digits")
-    assert run.main(diffuse.IMAGES, ["--workdir", str(workdir), "--preset", "tiny"]) == 0
-    return workdir
-
-
-def test_tiny_preset_writes_samples_picture_and_scores(tiny_run):
-    samples = np.load(tiny_run / "samples.npy")
+def test_tiny_preset_writes_samples_picture_and_scores(tiny_digits_run):
+    samples = np.load(tiny_digits_run / "samples.npy")
     assert samples.shape == (TINY.sample.num, 8, 8) and samples.dtype == np.uint8
     assert samples.max() <= 16
-    assert (tiny_run / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    report = json.loads((tiny_run / "eval.json").read_text())
+    assert (tiny_digits_run / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((tiny_digits_run / "eval.json").read_text())
     scores = {"frechet_distance", "kid", "precision", "recall", "density", "coverage",
               "class_coverage", "class_kl", "conditional_accuracy"}  # fmt: skip
     assert scores | {"test_bits_per_dim"} == set(report["samples"])
     assert scores == set(report["real_vs_real"])
     assert report["real_vs_real"]["frechet_distance"] < report["samples"]["frechet_distance"]
     assert 0 < report["samples"]["test_bits_per_dim"] < 16
-    logged = [r for r in read_metrics(tiny_run) if "frechet_distance" in r]
+    logged = [r for r in read_metrics(tiny_digits_run) if "frechet_distance" in r]
     assert [r["step"] for r in logged] == [TINY.run.steps]
 
 
@@ -103,9 +96,9 @@ def test_sharded_training_equals_one_device(arch, mesh):
     assert any(spec != jax.sharding.PartitionSpec() for spec in specs)  # something is split
 
 
-def test_sample_cli_draws_digits_with_guidance(tiny_run, capsys):
-    out = tiny_run / "more.npy"
-    argv = ["--workdir", str(tiny_run), "--steps", "2", "--num", "20", "--guidance", "3"]
+def test_sample_cli_draws_digits_with_guidance(tiny_digits_run, capsys):
+    out = tiny_digits_run / "more.npy"
+    argv = ["--workdir", str(tiny_digits_run), "--steps", "2", "--num", "20", "--guidance", "3"]
     assert sample.main([*argv, "--out", str(out)]) == 0
     drawn = np.load(out)
     assert drawn.shape == (20, 8, 8, 1) and drawn.max() <= 16
