@@ -127,7 +127,7 @@ class Checkpointer:
             due = self.save_every is not None and step % self.save_every == 0
             self.preempted = any(asked)
             self._due = (step, due or self.preempted)
-        return self._due[1] and not self._on_disk(step)
+        return self._due[1] and not self.on_disk(step)
 
     def save(self, step: int, state: Any, data_iterator=None, *, force: bool = False) -> bool:
         """Starts an async save of `state` (+ iterator position, config) at `step`.
@@ -139,7 +139,7 @@ class Checkpointer:
         """
         if self.read_only:
             raise ValueError(f"this Checkpointer of {self.directory} only reads")
-        if not (force or self.should_save(step)) or self._on_disk(step):
+        if not (force or self.should_save(step)) or self.on_disk(step):
             return False
         if step in self._corrupt_steps and step in self._manager.all_steps():
             self._manager.delete(step)  # found corrupt (and said so) when restoring
@@ -172,6 +172,9 @@ class Checkpointer:
         if not steps:
             return None
         _ignore_reads_left_in_flight()
+        # A step that fails to read may have moved the iterator already; the next one
+        # tried (step 0 of a run that has read nothing has no position) starts from here.
+        start_position = None if data_iterator is None else data_iterator.get_state()
         failures: list[tuple[int, str]] = []
         for step in steps:
             try:
@@ -185,6 +188,8 @@ class Checkpointer:
                 state = self._restore_items(step, abstract_state, data_iterator)
             except Exception as e:
                 failures.append(self._skip(step, e))
+                if data_iterator is not None:
+                    data_iterator.set_state(start_position)
                 continue
             if failures:
                 skipped = "; ".join(f"step {s} ({reason})" for s, reason in failures)
@@ -236,8 +241,8 @@ class Checkpointer:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _on_disk(self, step: int) -> bool:
-        """A committed step that is not known to be corrupt."""
+    def on_disk(self, step: int) -> bool:
+        """Whether `step` is committed and not known to be corrupt."""
         return step in self._manager.all_steps() and step not in self._corrupt_steps
 
     def _read_config(self, step: int) -> dict:

@@ -198,6 +198,23 @@ def test_corrupt_newest_step_falls_back_to_previous(tmp_path, mesh, corrupt):
     assert_tree_equal(state, make_state(mesh, 2))
 
 
+@pytest.mark.parametrize("corrupt", [_garbage_array_files, _truncate_array_files])
+def test_falling_back_to_a_step_without_a_position_leaves_the_iterator_at_its_start(
+    tmp_path, mesh, corrupt
+):
+    """The failed read of step 8 sets the iterator before its arrays fail; step 0 (a run
+    that has read nothing) has no position to set it back."""
+    with Checkpointer(tmp_path, config=CONFIG) as ckpt:
+        ckpt.save(0, make_state(mesh, 0), force=True)
+        ckpt.save(8, make_state(mesh, 8), make_iterator(5), force=True)
+    corrupt(tmp_path / "8")
+    it = make_iterator()
+    with pytest.warns(UserWarning, match=r"skipped checkpoint step 8 .*: restored step 0$"):
+        _, step = Checkpointer(tmp_path, config=CONFIG).restore(abstract(make_state(mesh, 0)), it)
+    assert step == 0
+    np.testing.assert_array_equal(take(it, 2), take(make_iterator(), 2))
+
+
 def test_no_restorable_step_raises(tmp_path, mesh):
     save_steps(tmp_path, mesh, [1])
     _garbage_array_files(tmp_path / "1")
