@@ -96,6 +96,14 @@ class MetricsLogger:
         self._postfix.update({k: values[k] for k in shown})
         self._bar.set_postfix_str(_format_postfix(self._postfix), refresh=False)
 
+    def has_record(self, step: int, metrics: Mapping[str, Any]) -> bool:
+        """Whether metrics.jsonl holds a record of ``step`` with every key of ``metrics``
+        (on process 0; elsewhere ``log`` writes nothing anyway)."""
+        if not self.enabled:
+            return False
+        records = read_metrics(self.path)
+        return any(r["step"] == step and metrics.keys() <= r.keys() for r in records)
+
     def advance(self, n_steps: int = 1) -> None:
         """Moves the progress bar (and its rate and ETA) by `n_steps`."""
         if self.enabled:

@@ -155,8 +155,9 @@ class FitResult:
 
 
 class Stopped(Exception):
-    """A run that a signal (SIGTERM, SIGINT, a preemption) stopped before its last step,
-    after saving a checkpoint: the same command resumes it."""
+    """A run that a signal (SIGTERM, SIGINT, a preemption) stopped before it ended (its
+    last step, its final evaluation and the family's ``finish``), after saving a
+    checkpoint: the same command resumes it."""
 
 
 # The exit code of a command whose run was stopped: a scheduler tells it from a finished
@@ -164,11 +165,23 @@ class Stopped(Exception):
 EXIT_STOPPED = 3
 
 
-class _StopSignals:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+class _Interrupted(BaseException):
+    """A signal received by ``_StopSignals(interrupt=True)``; not an ``Exception``, so
+    that no ``except Exception`` of the interrupted code swallows it."""
 
-    def __init__(self):
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+class _StopSignals:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps, or with
+    ``interrupt`` into ``_Interrupted`` raised where the code is. A second signal
+    gets the handler from before: a second Ctrl-C stops a run stuck in a step."""
+
+    def __init__(self, interrupt: bool = False):
         self.received: str | None = None
+        self._interrupt = interrupt
         self._previous = {}
 
     def __enter__(self):
@@ -185,11 +198,30 @@ class _StopSignals:
         return self
 
     def _handle(self, signum, frame):
+        if self.received is not None:
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
         self.received = signal.Signals(signum).name
+        if self._interrupt:
+            raise _Interrupted(self.received)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
+
+
+def _interruptible(work: Callable[[], None]) -> str | None:
+    """Runs ``work`` (the end of a run: its final evaluation, the family's ``finish``)
+    so that a signal interrupts it; returns the signal's name, or None when ``work``
+    finished. The checkpoint is saved by then, and the same command redoes the end."""
+    try:
+        with _StopSignals(interrupt=True):
+            work()
+    except _Interrupted as e:
+        return e.signal_name
+    return None
 
 
 def _must_be_finite(name: str) -> bool:
@@ -217,6 +249,9 @@ def _check_finite(step: int, metrics: Metrics, last_checkpoint: int | None) -> d
             f"to resume from it."
         )
     return host
+
+
+_RAN_OUT = object()  # what fit's next(batches) returns when a finite dataset ends
 
 
 def fit(
@@ -250,8 +285,15 @@ def fit(
             f"the state is at step {step}, not a multiple of the {updates_per_step} updates "
             "each call makes; resume with the updates_per_step it was saved with"
         )
-    last_saved = checkpointer.latest_step() if checkpointer else None
+    if step > num_steps:
+        raise ValueError(
+            f"the state is at step {step}, past the {num_steps} steps asked for; ask for "
+            f"at least {step} (--steps), or start a fresh run in another --workdir"
+        )
+    # The step restored; a newer step on disk was found corrupt and is rewritten.
+    last_saved = step if checkpointer is not None and checkpointer.on_disk(step) else None
     stopped: str | None = None
+    ran_out = False
     evaluated: tuple[int, dict[str, float]] | None = None
     batch_iter: Iterator[Batch] | None = None if batches is None else iter(batches)
     pending: tuple[int, Metrics] | None = None
@@ -271,7 +313,10 @@ def fit(
 
     with _StopSignals() as signals:
         while step < num_steps and stopped is None:
-            batch = None if batch_iter is None else next(batch_iter)
+            batch = None if batch_iter is None else next(batch_iter, _RAN_OUT)
+            if batch is _RAN_OUT:
+                ran_out = True
+                break
             state, metrics = train_step(state, batch)
             step += updates_per_step
             window_steps += updates_per_step
@@ -280,26 +325,34 @@ def fit(
             pending = (step, metrics)
             if logger is not None:
                 logger.advance(updates_per_step)
-            if checkpointer is not None and checkpointer.should_save(
+            saving = checkpointer is not None and checkpointer.should_save(
                 step, updates=updates_per_step
-            ):
+            )
+            if saving:  # the losses are checked before anything is kept
                 report(*pending)
                 pending = None
-                checkpointer.save(step, state, data_iterator)
-                last_saved = step
+            # Evaluated before saving: a run killed in between redoes the evaluation.
             if eval_fn is not None and eval_every and step % eval_every == 0:
                 evaluated = (step, eval_fn(state))
                 if logger is not None:
                     logger.log(*evaluated)
+            if saving:
+                checkpointer.save(step, state, data_iterator)
+                last_saved = step
             stopped = signals.received or (
                 "preemption" if checkpointer is not None and checkpointer.preempted else None
             )
         if pending is not None:
             report(*pending)
-        if checkpointer is not None and (stopped or step == num_steps):
+        if checkpointer is not None and (stopped or ran_out or step == num_steps):
             if last_saved != step:
                 checkpointer.save(step, state, data_iterator, force=True)
             checkpointer.wait()
+    if ran_out:
+        raise ValueError(
+            f"the data ran out after step {step} of {num_steps}, saved in a checkpoint; "
+            "make the batches repeat (grain's .repeat()), or ask for fewer steps"
+        )
     if stopped and logger is not None:
         logger.write(
             f"{stopped} received: saved a checkpoint at step {step}; "
@@ -419,11 +472,23 @@ def train(cfg: Any, workdir: str | pathlib.Path, family: Family) -> FitResult:
                 eval_every=cfg.run.eval_every,
             )
             if result.stopped_by_signal is None and data.evaluate and not result.metrics:
-                result.metrics = data.evaluate(result.state)
-                logger.log(int(jax.device_get(result.state.step)), result.metrics)
+                result.stopped_by_signal = _interruptible(
+                    lambda: _evaluate_at_the_end(result, data.evaluate, logger)
+                )
     if result.stopped_by_signal is None and data.finish is not None:
-        data.finish(result.state, result.metrics)
+        result.stopped_by_signal = _interruptible(lambda: data.finish(result.state, result.metrics))
     return result
+
+
+def _evaluate_at_the_end(
+    result: FitResult, evaluate: Callable[[State], dict[str, float]], logger: MetricsLogger
+) -> None:
+    """The final evaluation, logged unless the log has it: the same command run again
+    on a finished run evaluates (``finish`` gets the metrics) without a second record."""
+    result.metrics = evaluate(result.state)
+    step = int(jax.device_get(result.state.step))
+    if not logger.has_record(step, result.metrics):
+        logger.log(step, result.metrics)
 
 
 def train_to_end(cfg: Any, workdir: str | pathlib.Path, family: Family) -> FitResult:
@@ -431,9 +496,14 @@ def train_to_end(cfg: Any, workdir: str | pathlib.Path, family: Family) -> FitRe
     pipelines, whose next stage must not start from an unfinished run."""
     result = train(cfg, workdir, family)
     if result.stopped_by_signal is not None:
+        step = int(jax.device_get(result.state.step))
+        where = (
+            f"after its last step ({step}), before its final evaluation and output"
+            if step == cfg.run.steps
+            else f"at step {step} of {cfg.run.steps}"
+        )
         raise Stopped(
-            f"{family.name} stopped by {result.stopped_by_signal} at step "
-            f"{int(jax.device_get(result.state.step))} of {cfg.run.steps}, its checkpoint "
+            f"{family.name} stopped by {result.stopped_by_signal} {where}, its checkpoint "
             "saved; run the same command again to resume"
         )
     return result

@@ -5,10 +5,12 @@ kill-and-resume equals an uninterrupted run, chunked steps, non-finite losses.""
 import dataclasses
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from typing import NamedTuple
 
 import chex
@@ -215,3 +217,137 @@ def test_metrics_that_are_not_scalars_are_a_clear_error():
     shardings = jax.tree.map(lambda _: meshlib.replicated(mesh), state)
     with pytest.raises(ValueError, match=r"metrics must be scalars, got shapes \{'loss': \(3,\)\}"):
         run.fit(state, train.jit_train_step(step, shardings, mesh), None, num_steps=2)
+
+
+def _family(evaluate=None, finish=None, batches=toy_gan.batches) -> run.Family:
+    """toy_gan with an end-of-run evaluation and ``finish`` of the test's own."""
+
+    def data(cfg, workdir):
+        return dataclasses.replace(
+            toy_gan.data(cfg, workdir, batches), evaluate=evaluate, finish=finish
+        )
+
+    return dataclasses.replace(toy_gan.FAMILY, data=data)
+
+
+def _evaluations(workdir) -> list[tuple[int, float]]:
+    return [(r["step"], r["eval_step"]) for r in read_metrics(workdir) if "eval_step" in r]
+
+
+def test_a_corrupt_last_checkpoint_is_written_again(tmp_path):
+    """run.steps not a multiple of checkpoint_every: the last step's checkpoint is the one
+    the end of the run forces; found corrupt, it is rewritten rather than kept."""
+    cfg = _config("run.steps=12", "run.checkpoint_every=8")
+    run.train(cfg, tmp_path, toy_gan.FAMILY)
+    shutil.rmtree(tmp_path / "checkpoints" / "12" / "state")
+    with pytest.warns(UserWarning, match=r"skipped checkpoint step 12 .*: restored step 8$"):
+        assert int(run.train(cfg, tmp_path, toy_gan.FAMILY).state.step) == 12
+    assert _committed(tmp_path) == [8, 12]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # step 12 restores now
+        assert run.load(tmp_path, toy_gan.FAMILY).step == 12
+
+
+def test_an_evaluation_is_logged_before_its_step_is_saved(tmp_path):
+    """A run that dies while evaluating at a checkpoint step resumes from the step before,
+    so that evaluation is not lost."""
+
+    def dies_at_step_8(state):
+        if int(state.step) == 8:
+            raise RuntimeError("killed while evaluating")
+        return {"eval_step": float(state.step)}
+
+    cfg = _config("run.steps=16", "run.eval_every=4")
+    with pytest.raises(RuntimeError, match="killed while evaluating"):
+        run.train(cfg, tmp_path, _family(dies_at_step_8))
+    assert _committed(tmp_path) == []
+    run.train(cfg, tmp_path, _family(lambda state: {"eval_step": float(state.step)}))
+    assert _evaluations(tmp_path) == [(4, 4.0), (8, 8.0), (12, 12.0), (16, 16.0)]
+
+
+def test_a_finished_run_run_again_evaluates_and_finishes_without_logging_twice(tmp_path):
+    finished = []
+    family = _family(
+        lambda state: {"eval_step": float(state.step)},
+        lambda state, metrics: finished.append((int(state.step), metrics)),
+    )
+    cfg = _config("run.steps=8")
+    for _ in range(2):
+        run.train(cfg, tmp_path, family)
+    assert finished == [(8, {"eval_step": 8.0})] * 2
+    assert _evaluations(tmp_path) == [(8, 8.0)]
+
+
+@pytest.mark.parametrize("when", ["the last step", "the final evaluation", "finish"])
+def test_a_signal_at_the_end_of_a_run_stops_it_and_the_command_ends_it(tmp_path, capsys, when):
+    """SIGTERM on the last step, or while the run evaluates or makes its output: exit 3
+    (not 143 from the default handler, or 0 with the output missing), and the same
+    command does the end again."""
+    sent = []
+
+    def sigterm_once(where):
+        if where == when and not sent:
+            sent.append(where)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    read = []
+
+    def batch_read(batch):  # as the loop asks for each batch
+        read.append(batch)
+        if len(read) == 8:
+            sigterm_once("the last step")
+        return batch
+
+    ended = []
+
+    def evaluate(state):
+        sigterm_once("the final evaluation")
+        return {"eval_step": float(state.step)}
+
+    def finish(state, metrics):
+        sigterm_once("finish")
+        ended.append(int(state.step))
+
+    family = _family(evaluate, finish, lambda c: toy_gan.batches(c).map(batch_read))
+    argv = ["--workdir", str(tmp_path), "--steps", "8"]
+    assert run.main(family, argv) == run.EXIT_STOPPED
+    assert sent == [when] and ended == []
+    assert "stopped by SIGTERM after its last step (8), before its final evaluation" in (
+        capsys.readouterr().err
+    )
+    assert run.main(family, argv) == 0
+    assert ended == [8] and _evaluations(tmp_path) == [(8, 8.0)]
+
+
+def test_a_run_past_the_steps_asked_for_is_a_clear_error(tmp_path, capsys):
+    run.train(_config("run.steps=16"), tmp_path, toy_gan.FAMILY)
+    assert run.main(toy_gan.FAMILY, ["--workdir", str(tmp_path), "--steps", "8"]) == 2
+    assert "error: the state is at step 16, past the 8 steps asked for" in capsys.readouterr().err
+
+
+def test_data_that_runs_out_is_a_clear_error_after_a_checkpoint(tmp_path, capsys):
+    def ten_batches(cfg):
+        return toy_gan.batches(cfg)[:10]
+
+    argv = ["--workdir", str(tmp_path), "--steps", "16"]
+    assert run.main(_family(batches=ten_batches), argv) == 2
+    assert "error: the data ran out after step 10 of 16, saved in a checkpoint" in (
+        capsys.readouterr().err
+    )
+    assert _committed(tmp_path) == [8, 10]
+
+
+def test_a_second_signal_interrupts_a_step(tmp_path):
+    """The first Ctrl-C asks the loop to stop after this step; a second one, for a step
+    that never ends, gets Python's own KeyboardInterrupt."""
+    state = _Counter(jax.numpy.zeros((), jax.numpy.int32), jax.numpy.zeros(()))
+
+    def stuck_step(s, batch):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # never reached
+        return s, {}
+
+    with pytest.raises(KeyboardInterrupt):
+        run.fit(state, stuck_step, None, num_steps=2)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
