@@ -106,6 +106,11 @@ def make_step(cfg: Config):
     return step
 
 
+def check(cfg: Config, mesh) -> None:
+    reward_model.check(cfg, mesh)
+    train.refuse_micro_batches(cfg.optim, "DPO")
+
+
 def accuracy_sums(model: transformer.Config, both, batch) -> dict[str, jax.Array]:
     """Pairs where the implicit reward ranks the chosen response first."""
     params, reference = both
@@ -152,7 +157,7 @@ FAMILY = run.Family(
     rules=transformer.RULES,
     step=make_step,
     data=data,
-    check=reward_model.check,
+    check=check,
     complete=complete,
     add_flags=reward_model.add_flags,
     flag_overrides=sft.base_and_data_flags,

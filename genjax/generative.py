@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from genjax import mesh as meshlib
-from genjax import run
+from genjax import run, train
 from genjax.data import images as imagelib
 from genjax.data import rows, toy2d
 from genjax.metrics import images as image_metrics
@@ -210,12 +210,7 @@ def check_batch(global_batch_size: int, grad_accum: int, mesh) -> None:
     """The batch divides over the mesh's data axes, the processes and the micro-batches."""
     meshlib.check_batch_size(global_batch_size, mesh)
     meshlib.check_process_batch_layout(global_batch_size, mesh)
-    local = global_batch_size // jax.process_count()
-    if local % grad_accum:
-        raise ValueError(
-            f"optim.grad_accum={grad_accum} does not divide the {local} examples each "
-            "process feeds an update"
-        )
+    train.check_micro_batches(grad_accum, global_batch_size, mesh)
 
 
 def check_sample_count(images: imagelib.Images, num: int) -> None:

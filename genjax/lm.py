@@ -219,7 +219,9 @@ def make_step(cfg: PretrainConfig):
         del key  # no dropout in this model
         return transformer.loss(cfg.model, params, batch)
 
-    return train.make_train_step(loss_fn, make_optimizer(cfg), cfg.optim)
+    # A mean over the unmasked targets, as many in every micro-batch of packed rows
+    # but not of SFT's padded prompt–response rows.
+    return train.make_train_step(loss_fn, make_optimizer(cfg), cfg.optim, weight="tokens")
 
 
 def check(cfg: PretrainConfig, mesh) -> None:
@@ -230,13 +232,7 @@ def check(cfg: PretrainConfig, mesh) -> None:
         raise ValueError(
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}"
         )
-    local = cfg.data.global_batch_size // jax.process_count()
-    per_device = cfg.data.global_batch_size // meshlib.data_parallel_size(mesh)
-    if per_device % cfg.optim.grad_accum:
-        raise ValueError(
-            f"optim.grad_accum={cfg.optim.grad_accum} does not divide the per-device batch "
-            f"{per_device} (global {cfg.data.global_batch_size}, {local} per process)"
-        )
+    train.check_micro_batches(cfg.optim.grad_accum, cfg.data.global_batch_size, mesh)
 
 
 def data(cfg: PretrainConfig, workdir: pathlib.Path) -> run.Data:

@@ -174,6 +174,7 @@ def param_axes(cfg: Config) -> dict:
 def check(cfg: Config, mesh) -> None:
     meshlib.check_batch_size(cfg.data.global_batch_size, mesh)
     meshlib.check_process_batch_layout(cfg.data.global_batch_size, mesh)
+    train.check_micro_batches(cfg.optim.grad_accum, cfg.data.global_batch_size, mesh)
 
 
 def eval_batches(rows: dict, size: int = 16) -> tuple[dict, ...]:

@@ -500,6 +500,7 @@ def param_axes(cfg: Config) -> dict:
 def check(cfg: Config, mesh) -> None:
     meshlib.check_batch_size(cfg.rl.prompts_per_update, mesh)
     meshlib.check_process_batch_layout(cfg.rl.prompts_per_update, mesh)
+    train.refuse_micro_batches(cfg.optim, "RL (its minibatches are rl.minibatches)")
 
 
 def prompt_rows(tok: Tokenizer, prompts: list[str], prompt_len: int, path: str):

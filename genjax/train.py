@@ -136,13 +136,19 @@ def accumulate_gradients(
     *,
     micro_batches: int,
     key: jax.Array,
+    weight: str | None = None,
 ) -> tuple[jax.Array, Any]:
-    """Mean loss and gradients over ``micro_batches`` slices of ``batch``, in one scan.
+    """The loss and gradients of ``batch``, summed over ``micro_batches`` slices in one scan.
 
     ``grad_fn(params, batch, key=) -> ((loss, aux), grads)`` is ``jax.value_and_grad``
     of a loss with aux. Micro-batch i takes rows i, i+A, i+2A, ... and the key
     ``fold_in(key, i)``: every data shard holds its share of each micro-batch, so
     the scan never reshards. With one micro-batch this is ``grad_fn`` itself.
+
+    A loss that is a mean over a count that differs between micro-batches (the
+    response tokens of SFT rows) names that count's aux entry as ``weight``: each
+    micro-batch then weighs by its count, and the result is the whole batch's mean,
+    not a mean of the micro-batches' means. Without it they weigh alike.
     """
     if micro_batches == 1:
         (loss, _), grads = grad_fn(params, batch, key=key)
@@ -156,12 +162,35 @@ def accumulate_gradients(
 
     def add_one(carry, xs):
         i, mb = xs
-        (loss_i, _), grads_i = grad_fn(params, mb, key=jax.random.fold_in(key, i))
-        return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+        (loss_i, aux_i), grads_i = grad_fn(params, mb, key=jax.random.fold_in(key, i))
+        w_i = jnp.ones(()) if weight is None else aux_i[weight].astype(jnp.float32)
+        weighted = jax.tree.map(lambda x: (w_i * x).astype(x.dtype), (loss_i, grads_i))
+        return jax.tree.map(jnp.add, carry, (*weighted, w_i)), None
 
-    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-    total, _ = jax.lax.scan(add_one, zeros, (jnp.arange(micro_batches), micro))
-    return jax.tree.map(lambda x: x / micro_batches, total)
+    zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params), jnp.zeros(()))
+    (loss, grads, total), _ = jax.lax.scan(add_one, zeros, (jnp.arange(micro_batches), micro))
+    total = jnp.where(total > 0, total, 1.0)  # nothing counted: the sums are 0
+    return jax.tree.map(lambda x: (x / total).astype(x.dtype), (loss, grads))
+
+
+def check_micro_batches(grad_accum: int, global_batch_size: int, mesh: Mesh) -> None:
+    """``grad_accum`` divides each device's share of the global batch: micro-batch i takes
+    rows i, i + A, ... of every shard, so the scan never reshards."""
+    per_device = global_batch_size // meshlib.data_parallel_size(mesh)
+    if per_device % grad_accum:
+        raise ValueError(
+            f"optim.grad_accum={grad_accum} does not divide the {per_device} rows each device "
+            f"takes of the global batch of {global_batch_size}; use a divisor of {per_device}"
+        )
+
+
+def refuse_micro_batches(cfg: OptimConfig, family: str) -> None:
+    """For the families whose step takes the whole batch at once."""
+    if cfg.grad_accum != 1:
+        raise ValueError(
+            f"optim.grad_accum={cfg.grad_accum}: {family} updates on its whole batch at once; "
+            "leave grad_accum at 1 and lower the batch to save memory"
+        )
 
 
 def apply_gradients(
@@ -183,16 +212,20 @@ def make_train_step(
     loss_fn: Callable[..., tuple[jax.Array, dict]],
     optimizer: optax.GradientTransformation,
     cfg: OptimConfig,
+    *,
+    weight: str | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The step of a ``TrainState``: one optimizer update of ``loss_fn(params, batch, *,
-    key) -> (loss, aux)``, gradients accumulated over ``cfg.grad_accum`` micro-batches."""
+    key) -> (loss, aux)``, gradients accumulated over ``cfg.grad_accum`` micro-batches
+    (weighted by ``aux[weight]``: see ``accumulate_gradients``)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     schedule = make_schedule(cfg)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         loss, grads = accumulate_gradients(
-            grad_fn, state.params, batch, micro_batches=cfg.grad_accum, key=step_key(state)
-        )
+            grad_fn, state.params, batch, micro_batches=cfg.grad_accum, key=step_key(state),
+            weight=weight,
+        )  # fmt: skip
         params, opt_state = apply_gradients(optimizer, state.params, state.opt_state, grads)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics

@@ -23,6 +23,14 @@ def test_reads_sft_and_preference_records(tmp_path):
     assert data.read_preferences(pairs) == [{"prompt": "a", "chosen": "b", "rejected": "c"}]
 
 
+def test_strings_may_hold_unicode_line_separators(tmp_path):
+    """JSON lines end at "\n" only; U+2028, U+2029 and U+0085 are characters of a string."""
+    record = {"prompt": "a\u2028b", "response": "c\u2029d\x85e\r\nf"}
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert data.read_sft(path) == [record]
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [

@@ -283,3 +283,42 @@ def test_tensorflow_style_adam_moves_eps_inside_the_bias_correction():
         np.testing.assert_allclose(updates["w"], expected, rtol=1e-4)  # float32 1 − β₂ᵗ
     with pytest.raises(ValueError, match="eps_style"):
         train.OptimConfig(eps_style="keras")
+
+
+def test_gradient_accumulation_of_masked_rows_equals_full_batch():
+    """SFT's rows: the loss is a mean over unmasked targets, which the micro-batches hold
+    unevenly (micro-batch i is rows i and i + 4; micro-batch 3 has none)."""
+    cfg = transformer.get_preset("tiny")
+    mesh = meshlib.make_mesh("data=1", jax.devices()[:1])
+    targets_per_row = np.array([30, 2, 5, 0, 31, 1, 2, 0])
+    mask = (np.arange(32)[None, :] >= 32 - targets_per_row[:, None]).astype(np.float32)
+    batches = [dict(b, mask=mask) for b in _batches(cfg, 3)]
+    runs = []
+    for grad_accum in (1, 4):
+        state, step = _setup(cfg, mesh, dataclasses.replace(OPTIM, grad_accum=grad_accum))
+        losses = []
+        for b in batches:
+            state, metrics = step(state, meshlib.global_batch(b, mesh))
+            losses.append(float(metrics["loss"]))
+        runs.append((losses, jax.device_get(state.params)))
+    np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-5)
+    chex.assert_trees_all_close(runs[1][1], runs[0][1], atol=2e-5)
+
+
+def test_micro_batches_that_do_not_divide_a_device_share_or_a_whole_batch_step_are_refused():
+    from genjax import dpo, reward_model, rlhf
+
+    mesh = meshlib.make_mesh("data=2,fsdp=4")  # 8-way data parallel: 2 rows a device of 16
+    three = train.OptimConfig(grad_accum=3)
+    for family, cfg in [
+        (lm, lm.PretrainConfig(optim=three)),
+        (reward_model, reward_model.Config(optim=three)),
+    ]:
+        with pytest.raises(ValueError, match=r"grad_accum=3 does not divide the \d+ rows each"):
+            family.check(dataclasses.replace(cfg, data=dataclasses.replace(
+                cfg.data, global_batch_size=16)), mesh)  # fmt: skip
+    two = train.OptimConfig(grad_accum=2)
+    with pytest.raises(ValueError, match="grad_accum=2: DPO updates on its whole batch"):
+        dpo.check(dpo.Config(optim=two), mesh)
+    with pytest.raises(ValueError, match=r"grad_accum=2: RL \(its minibatches"):
+        rlhf.check(rlhf.Config(optim=two), mesh)

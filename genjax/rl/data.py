@@ -31,7 +31,11 @@ def read_jsonl(path: str | pathlib.Path, fields: Sequence[str]) -> list[dict[str
     if not path.is_file():
         raise ValueError(f"{path}: no such file (JSON lines with fields {', '.join(fields)})")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # Lines end at newlines only: str.splitlines would also split at U+2028 and U+0085,
+    # which JSON strings may hold unescaped (json.dumps(..., ensure_ascii=False)).
+    with path.open(encoding="utf-8") as lines:
+        numbered = list(enumerate(lines, start=1))
+    for number, line in numbered:
         if not line.strip():
             continue
         where = f"{path}:{number}"
