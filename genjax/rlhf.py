@@ -27,7 +27,9 @@ The known implementation details of RLHF with PPO (Ziegler et al. 2019; Huang et
 GRPO (Shao et al. 2024) is the same step with ``algorithm="grpo"``: ``group_size``
 responses per prompt, each advantage the response's score against its group's mean and
 std, no value head in the loss, and the KL (k3) to the reference in the loss, not in
-the reward.
+the reward. Two choices among the published variants: the losses are means over all the
+minibatch's response tokens (DAPO's token-level mean; the paper's Eq. 3 first averages
+each response), and the group's std is the population std (TRL's is the sample std).
 """
 
 from __future__ import annotations
