@@ -100,6 +100,17 @@ def test_split_small_tree_keeps_modules_whole(tmp_path):
         split_by_module(files, val_fraction=1.0)
 
 
+def test_a_module_of_empty_files_is_never_the_validation_split(tmp_path):
+    """A package passed as the corpus: its bare __init__.py is a module of its own, and
+    the one the stable hash ranks first here."""
+    init = _touch(tmp_path, "pkg/__init__.py", "")
+    files = [init] + [_touch(tmp_path, f"pkg/{m}.py") for m in ("model", "cli", "config")]
+    train, val = split_by_module(files, val_fraction=0.02)
+    assert val and init not in val and init in train
+    _, val_by_name = split_by_module([_touch(tmp_path, "pkg/__init__.py", "x = 1\n"), *files[1:]])
+    assert val_by_name == [init]  # the hash's first choice, when it has text
+
+
 def test_read_texts_is_exact_and_skips_non_utf8_with_one_warning(tmp_path):
     good = {"a.py": "x = 1\r\n\ty = '▁'\n", "b.txt": "héllo", "sub/c.py": "\x00 no newline"}
     for rel, content in good.items():

@@ -340,6 +340,13 @@ def test_truncated_set_equals_sorting_reference_on_a_large_vocabulary(top_k, top
         np.testing.assert_array_equal(row, expected)
 
 
+def test_top_p_of_one_keeps_the_whole_top_k():
+    """A tail whose float32 probabilities add nothing to the head's 1.0 stays in."""
+    logits_BV = jnp.array([[0.0, -20.0, -21.0, -22.0]])
+    kept = np.isfinite(np.asarray(strategies.truncate_logits(logits_BV, 3, 1.0)))
+    assert kept.tolist() == [[True, True, True, False]]
+
+
 def test_changing_prompt_seed_or_sampling_values_does_not_recompile(params):
     generate = lambda prompts, **kw: decode.generate(CFG, params, prompts, max_new_tokens=NEW, **kw)
     generate([[2, 5, 6]])
@@ -388,6 +395,12 @@ def test_stops_at_end_of_sequence_and_stop_sequences(params):
         assert gen.tokens[b] == expected
     stop = free[1][4:6]
     gen = decode.generate(CFG, params, PROMPTS, max_new_tokens=NEW, stop_sequences=[stop])
+    assert gen.tokens[1] == free[1][:4] and gen.finish_reasons[1] == "stop"
+    # Two stops end the row at once, one the other's suffix: the whole longer one goes,
+    # whichever the list names first.
+    assert stop[1] not in free[1][:5]
+    gen = decode.generate(CFG, params, PROMPTS, max_new_tokens=NEW,
+                          stop_sequences=[stop[1:], stop])  # fmt: skip
     assert gen.tokens[1] == free[1][:4] and gen.finish_reasons[1] == "stop"
 
 

@@ -145,3 +145,16 @@ def test_params_sharded_elsewhere_are_replicated_first():
         ev.evaluate(classifier_sums, sharded, batches),
         ev.evaluate_single_device(classifier_sums, params, batches),
     )
+
+
+def test_a_language_model_batch_without_a_mask_gets_its_padding_rows_masked():
+    """The row mask [B] evaluate adds covers each padding row's every target."""
+    from genjax.models import transformer
+
+    cfg = transformer.get_preset("tiny")
+    params = transformer.init(cfg, jax.random.key(0))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 9)).astype(np.int32)
+    sums = lambda p, b: transformer.nll_sums(cfg, p, b)
+    got = ev.evaluate(sums, params, [{"tokens": tokens}])
+    _assert_close(got, ev.evaluate_single_device(sums, params, [{"tokens": tokens}]))
+    assert got["tokens"] == 3 * 8

@@ -127,6 +127,19 @@ def test_export_import_export_is_bit_identical(tmp_path, cfg):
         assert x.dtype == y.dtype and np.array_equal(np.asarray(x), y)
 
 
+def test_float32_rope_buffers_of_a_bfloat16_checkpoint_leave_it_bfloat16(tmp_path):
+    """Older transformers saved each layer's inv_freq (float32); import drops them."""
+    cfg = dataclasses.replace(TINY, param_dtype="bfloat16")
+    hf.write_hf(tmp_path, cfg, _random_params(cfg))
+    tensors = st.load(tmp_path / "model.safetensors")
+    inv_freq = np.ones(cfg.head_dim // 2, np.float32)
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = inv_freq
+    st.save(tmp_path / "model.safetensors", tensors)
+    cfg2, params = hf.read_hf(tmp_path)
+    assert cfg2.param_dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(ml_dtypes.bfloat16)}
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_folder_saved_by_transformers_imports_bit_exactly(tmp_path, tie):
     torch = pytest.importorskip("torch")
@@ -385,9 +398,10 @@ def test_cli_export_import_scores_and_resumes(trained_run, tmp_path, capsys):
 
     # transformers' tokenizer from the exported folder gives genjax's ids after <eod>.
     transformers = pytest.importorskip("transformers")
-    text = pathlib.Path(data.corpus[0]).read_text()
-    hf_ids = transformers.AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]
-    assert hf_ids == [tok_a.eos_id, *tok_a.encode(text)]
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    source = pathlib.Path(data.corpus[0]).read_text()
+    for text in (source, "text <eod> more <unk><pad>"):  # special tokens' names are text
+        assert hf_tokenizer(text)["input_ids"] == [tok_a.eos_id, *tok_a.encode(text)]
 
 
 def test_trained_run_parity_script_agrees_with_transformers(trained_run, capsys, load_script):

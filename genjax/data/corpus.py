@@ -62,8 +62,9 @@ def split_by_module(
 
     Modules are visited in the order of a stable hash of their name and added
     to validation while it stays within ``val_fraction`` of the files; if every
-    module is too big, the first one is taken so validation is never empty.
-    `root` defaults to the common directory of `files`.
+    module is too big, the first one is taken so validation is never empty. A module
+    of empty files only (a package's bare ``__init__.py``) is never validation: it
+    holds no text to score. `root` defaults to the common directory of `files`.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -74,9 +75,12 @@ def split_by_module(
     if len(files) == 1 or root in files:
         root = root.parent  # one file: its own name is its module
     counts: dict[str, int] = {}
+    has_text: set[str] = set()
     for f in files:
         module = _module_of(f, root)
         counts[module] = counts.get(module, 0) + 1
+        if f.stat().st_size:
+            has_text.add(module)
     if len(counts) < 2:
         raise ValueError(
             f"cannot split by module: all {len(files)} files are in module "
@@ -85,12 +89,13 @@ def split_by_module(
     target = val_fraction * len(files)
     val_modules: set[str] = set()
     size = 0
-    for module in sorted(counts, key=lambda m: (_stable_hash(m), m)):
+    candidates = sorted(has_text, key=lambda m: (_stable_hash(m), m))
+    for module in candidates:
         if size + counts[module] <= target:
             val_modules.add(module)
             size += counts[module]
-    if not val_modules:
-        val_modules.add(min(counts, key=lambda m: (_stable_hash(m), m)))
+    if not val_modules and candidates:
+        val_modules.add(candidates[0])
     train = [f for f in files if _module_of(f, root) not in val_modules]
     val = [f for f in files if _module_of(f, root) in val_modules]
     return train, val

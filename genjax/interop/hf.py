@@ -285,8 +285,13 @@ def model_config(hf: Mapping[str, Any]) -> transformer.Config:
 
 def _param_dtype(tensors: Mapping[str, np.ndarray]) -> str:
     """The checkpoint's own float dtype when all tensors share one (so a round trip is
-    exact), else float32 (every supported float type widens to it exactly)."""
-    names = {safetensors.dtype_name(t.dtype) for t in tensors.values()}
+    exact), else float32 (every supported float type widens to it exactly). Old
+    checkpoints' float32 RoPE buffers are dropped on import, and do not count."""
+    names = {
+        safetensors.dtype_name(t.dtype)
+        for name, t in tensors.items()
+        if not name.endswith(_IGNORED_SUFFIX)
+    }
     return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(
         names.pop() if len(names) == 1 else "", "float32"
     )
@@ -332,6 +337,8 @@ def write_hf(
                 # genjax's sentencepiece settings: no dummy "▁" before the text.
                 "add_prefix_space": False,
                 "legacy": False,
+                # "<eod>" written in a text is text to genjax, not the special token.
+                "split_special_tokens": True,
                 **_SPECIAL_TOKENS,
             },
         )

@@ -402,10 +402,19 @@ def token_nll(cfg: Config, params: Params, tokens_BT1: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT1[:, 1:])
 
 
+def _target_mask(batch: dict[str, jax.Array], nll_BT: jax.Array) -> jax.Array:
+    """[B, T]: ``batch["mask"]`` of the targets, or of the rows ([B]: the padding rows
+    ``genjax.evaluate`` adds to a batch without a mask), or all ones."""
+    if "mask" not in batch:
+        return jnp.ones_like(nll_BT)
+    mask = batch["mask"].astype(nll_BT.dtype)
+    return jnp.broadcast_to(mask[:, None], nll_BT.shape) if mask.ndim == 1 else mask
+
+
 def loss(cfg: Config, params: Params, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
     """Mean next-token cross-entropy over the unmasked targets of ``batch["tokens"]``."""
     nll_BT = token_nll(cfg, params, batch["tokens"])
-    mask_BT = batch.get("mask", jnp.ones_like(nll_BT))
+    mask_BT = _target_mask(batch, nll_BT)
     total = jnp.sum(nll_BT * mask_BT)
     count = jnp.sum(mask_BT)
     return total / jnp.maximum(count, 1.0), {"tokens": count}
@@ -414,7 +423,7 @@ def loss(cfg: Config, params: Params, batch: dict[str, jax.Array]) -> tuple[jax.
 def nll_sums(cfg: Config, params: Params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Summed NLL (nats) and target count: the reducible quantities of evaluation."""
     nll_BT = token_nll(cfg, params, batch["tokens"])
-    mask_BT = batch.get("mask", jnp.ones_like(nll_BT))
+    mask_BT = _target_mask(batch, nll_BT)
     return {"nll": jnp.sum(nll_BT * mask_BT), "tokens": jnp.sum(mask_BT)}
 
 

@@ -342,7 +342,7 @@ def _cut(row: list[int], eos_id: int | None, stops: Sequence[Sequence[int]]):
         row = row[: row.index(_NO_TOKEN)]
     if eos_id is not None and row and row[-1] == eos_id:
         return row[:-1], "eos"
-    for seq in stops:
+    for seq in sorted(stops, key=len, reverse=True):  # [3, 7] and [7] both end [5, 3, 7]
         if len(row) >= len(seq) and row[len(row) - len(seq) :] == list(seq):
             return row[: len(row) - len(seq)], "stop"
     return row, "length"

@@ -66,7 +66,8 @@ def truncate_logits(logits_BV: jax.Array, top_k: jax.Array, top_p: jax.Array) ->
     """Sets every logit outside the top-k, then the top-p (nucleus), set to -inf.
 
     Top-k keeps the logits >= the k-th largest; top-p then keeps the most
-    likely tokens until their probability reaches top_p (at least one token).
+    likely tokens until their probability reaches top_p (at least one token); top_p
+    >= 1 keeps them all, where float32 sums may reach 1 before the last of them.
     Exact for distinct logits; a logit tied with the smallest kept one is kept.
     """
     B, V = logits_BV.shape
@@ -85,7 +86,8 @@ def truncate_logits(logits_BV: jax.Array, top_k: jax.Array, top_p: jax.Array) ->
     nucleus_B = jnp.minimum(
         _largest_threshold(p_keys_BV, probs_BV, top_p_B), jnp.max(p_keys_BV, axis=-1)
     )
-    return jnp.where(p_keys_BV >= nucleus_B[:, None], logits_BV, -jnp.inf)
+    kept_BV = (p_keys_BV >= nucleus_B[:, None]) | (top_p_B[:, None] >= 1.0)
+    return jnp.where(kept_BV, logits_BV, -jnp.inf)
 
 
 def inverse_cdf_sample(probs_BV: jax.Array, keys_B: jax.Array) -> jax.Array:
