@@ -167,7 +167,13 @@ def _fit_images(cfg: Config, explicit: frozenset[str]) -> dict:
             "model.num_classes > 0 needs labels; give them with data.labels=PATH.npy or "
             "set model.num_classes=0"
         )
-    if num_classes and "model.num_classes" not in explicit:
+    if num_classes and num_classes != images.num_classes:
+        if "model.num_classes" in explicit:  # labels past its tables would read NaN
+            raise ValueError(
+                f"model.num_classes={num_classes}, but the images have "
+                f"{images.num_classes} classes; leave it out (the data sets it), or set 0 "
+                "for an unconditional model"
+            )
         num_classes = images.num_classes
     generative.check_sample_count(images, cfg.sample.num)
     return {"shape": images.shape, "num_classes": num_classes}

@@ -162,7 +162,15 @@ def test_samplers_on_a_vp_schedule_recover_the_gaussian_too():
 def test_unknown_choices_are_refused():
     with pytest.raises(ValueError, match="unknown sampler 'magic'"):
         samplers.get("magic")
+    # One level: nothing to solve down to (it returned one denoising of the prior: ~μ).
+    with pytest.raises(ValueError, match="use steps >= 2"):
+        samplers.probability_flow(exact_denoiser, MU[None], samplers.karras_sigmas(1, 0.002, 80),
+                                  key=None)  # fmt: skip
     with pytest.raises(ValueError, match="sde='cosine'"):
         diffusion.Process(sde="cosine")
+    with pytest.raises(ValueError, match="t_min=0"):
+        diffusion.Process(sde="vp", t_min=0)
+    with pytest.raises(ValueError, match="sigma_data=0"):
+        diffusion.Process(sigma_data=0)
     with pytest.raises(ValueError, match="parameterization='score'"):
         diffusion.Process(parameterization="score")

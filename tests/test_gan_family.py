@@ -83,6 +83,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, rates):
         (gan.FAMILY, ["model.arch=conv"], "arch='conv' takes images"),
         (gan.IMAGES, ["model.arch=mlp"], "arch"),
         (gan.IMAGES, ["sample.num=100000"], "sample.num"),
+        (gan.IMAGES, ["model.num_classes=5"], "model.num_classes=5, but the images have 10"),
     ],
 )
 def test_bad_configs_are_clear_errors(family, assignments, match, tmp_path, capsys):

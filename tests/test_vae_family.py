@@ -58,11 +58,16 @@ def test_sharded_training_equals_one_device():
     )
 
 
-def test_test_bits_per_dim_over_devices_equals_one_pass():
+def test_test_bits_per_dim_over_devices_equals_one_pass(monkeypatch):
     cfg = run.configure(vae_family.IMAGES, "tiny")
     params = vae.init_params(cfg.model, jax.random.key(1))
     images = cfg.data.load_images()
     split = vae_family.test_bits_per_dim(cfg, params, images)
+    traced = []
+    monkeypatch.setattr(vae, "iwae_bound", lambda *a, **kw: traced.append(1) / 0)
+    assert vae_family.test_bits_per_dim(cfg, params, images) == split  # compiled once a run
+    assert not traced
+    monkeypatch.undo()
     s = cfg.sample
     nll = -vae.iwae_bound(cfg.model, params, images.test, key=jax.random.key(0), k=s.iwae_k,
                           chunk=s.iwae_chunk)  # fmt: skip

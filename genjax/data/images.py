@@ -6,9 +6,9 @@ D = H·W·C dimensions, L gray levels (17 for digits: values 0..16; 256 for uint
 Images are kept as integer levels 0..L−1, the data's own scale. Models see
 ``to_unit`` values in [−1, 1] (level k ↦ 2k/(L−1) − 1, so 0 and L−1 land on the
 ends); samples go back with ``to_levels``. Likelihoods are measured on
-``dequantize``d data, where level k fills the bin [2k/L − 1, 2(k+1)/L − 1), and
-``bits_per_dim`` turns a density there into bits per dimension of the discrete
-images (score_sde's convention: the two maps differ by a factor (L−1)/L).
+``dequantize``d data, where level k fills the bin of width 2/(L−1) centred on its
+training value 2k/(L−1) − 1, and ``bits_per_dim`` turns a density there into bits per
+dimension of the discrete images (score_sde puts the bins at 2k/L − 1 instead).
 
 Every source is split 80/20 by ``train_test_split(..., test_size=0.2,
 random_state=0)``: digits gives 1,437 train and 360 test images.

@@ -65,6 +65,12 @@ class Process:
             raise ValueError("diffusion: need 0 < sigma_min < sigma_max")
         if not 0 < self.beta_min < self.beta_max:
             raise ValueError("diffusion: need 0 < beta_min < beta_max")
+        if not 0 < self.t_min < 1:  # the likelihood's log σ(t_min) needs σ > 0
+            raise ValueError(f"diffusion: t_min={self.t_min}; need 0 < t_min < 1")
+        if self.sigma_data <= 0 or self.p_std <= 0:
+            raise ValueError(
+                f"diffusion: sigma_data={self.sigma_data} and p_std={self.p_std} must be > 0"
+            )
 
     # ----------------------------------------------------------------- time and noise
 

@@ -188,9 +188,16 @@ def probability_flow(
     """The probability-flow ODE dx̂/dσ = (x̂ − D(x̂, σ))/σ from σ = sigmas[0] down to
     the last positive level, by an adaptive Dormand–Prince solve (diffrax), then one
     denoising step to σ = 0. One solve for the whole batch: every example and device
-    takes the same steps."""
+    takes the same steps. Only the first and last positive levels matter: any
+    schedule of two levels or more gives the same solve."""
     del key  # deterministic
-    sigma_end = sigmas[-2] if len(sigmas) > 1 else sigmas[-1]
+    if len(sigmas) < 3:
+        raise ValueError(
+            f"the ode sampler solves from the first noise level down to the last positive "
+            f"one; a schedule of {len(sigmas) - 1} level has none below the first: use "
+            "steps >= 2 (its solver picks its own steps in between)"
+        )
+    sigma_end = sigmas[-2]
     term = diffrax.ODETerm(lambda sigma, y, _: (y - denoiser(y, _at(sigma, y))) / sigma)
     solution = diffrax.diffeqsolve(
         term,
