@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-seeds", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="seeds seed .. seed + N − 1")
     p.add_argument("--env", default="CartPole-v1", help="any gymnax environment name")
-    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
+    configlib.add_set_flag(p, "PPOConfig fields, e.g. num_envs=8 lr=3e-4", metavar="FIELD=VALUE")
     p.add_argument(
         "--cpu-devices", type=int, default=None,
         help="split the CPU into N XLA devices, the seeds spread over them (N = cores)",

@@ -18,6 +18,7 @@ last value, so flags appended to a base command line win.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import difflib
@@ -188,9 +189,12 @@ def _unquote(raw: str) -> str:
     text = raw.strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         try:
-            return ast.literal_eval(text)
+            value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            pass
+            return text
+        if not isinstance(value, str):  # 'a', 'b' is a tuple, not one quoted string
+            raise _Mismatch
+        return value
     return text
 
 
@@ -304,3 +308,9 @@ def _from_dict(cls: type, d: Mapping[str, Any], prefix: str) -> Any:
     if missing:
         raise ValueError(f"{cls.__name__}: missing required config fields {missing}")
     return cls(**kwargs)
+
+
+def add_set_flag(p: argparse.ArgumentParser, help: str, metavar: str = "SECTION.FIELD=VALUE"):
+    """``--set A=1 B=2``: the assignments ``override`` takes. Every ``--set`` counts (a
+    plain ``nargs="*"`` flag keeps only the last one), a later value of a field winning."""
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar=metavar, help=help)

@@ -72,6 +72,8 @@ class RunConfig:
                 raise ValueError(f"run config: {name} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ValueError(f"run config: eval_every must be >= 0, got {self.eval_every}")
+        if not 0 <= self.seed < 2**32:  # jax.random.key folds larger ones onto smaller
+            raise ValueError(f"run config: seed must be in [0, 2**32), got {self.seed}")
 
 
 @dataclasses.dataclass
@@ -600,13 +602,7 @@ def parser(family: Family, description: str | None = None) -> argparse.ArgumentP
     p.add_argument("--seed", type=int, help="state init and per-step randomness")
     p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (one axis may be -1)")
     p.add_argument("--checkpoint-every", type=int, help="updates between checkpoints")
-    p.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override any config field, e.g. optim.lr=1e-3 model.num_layers=4",
-    )
+    configlib.add_set_flag(p, "override any config field, e.g. optim.lr=1e-3 model.num_layers=4")
     if family.add_flags is not None:
         family.add_flags(p)
     p.add_argument(
@@ -684,13 +680,15 @@ def main(family: Family, argv: Sequence[str] | None = None, description: str | N
     args = parser(family, description).parse_args(argv)
     with one_line_warnings():
         try:
-            cfg = config_from_args(family, args)
             if (args.num_processes or args.process_id is not None) and not args.coordinator:
                 raise ValueError("--num-processes and --process-id need --coordinator HOST:PORT")
+            # First: making a config may read another run's checkpoint (a fine-tune's
+            # base), which starts JAX, and JAX joins a cluster only before it starts.
             if args.distributed or args.coordinator:
                 meshlib.initialize_distributed(
                     args.coordinator, args.num_processes, args.process_id
                 )
+            cfg = config_from_args(family, args)
             train_to_end(cfg, args.workdir, family)
         except USER_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from typing import Literal
 
 import pytest
 
-from genjax.config import from_dict, override, to_dict
+from genjax.config import add_set_flag, from_dict, override, to_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,15 @@ def test_changes_to_one_section_apply_together_and_last_wins():
     assert override(Run(), []) == Run()
 
 
+def test_every_set_flag_counts_and_the_last_value_of_a_field_wins():
+    p = argparse.ArgumentParser()
+    add_set_flag(p, "overrides")
+    args = p.parse_args(["--set", "model.d_model=128", "lr=1", "--set", "lr=2"])
+    assert args.set == ["model.d_model=128", "lr=1", "lr=2"]
+    assert (override(Run(), args.set).model.d_model, override(Run(), args.set).lr) == (128, 2.0)
+    assert p.parse_args([]).set == []
+
+
 def test_unknown_field_names_it_and_suggests():
     with pytest.raises(ValueError, match=r"'model.d_modle' \(did you mean 'model.d_model'\?\)"):
         override(Run(), ["model.d_modle=1"])
@@ -113,6 +123,7 @@ def test_unknown_field_names_it_and_suggests():
         ("model.dtype=float64", r"expected Literal\['float32', 'bfloat16'\]"),
         ("model.d_model", "expected FIELD=VALUE"),
         ("model=1", "'model' is a config section"),
+        ("data.name='a', 'b'", r"data.name=\"'a', 'b'\": expected str"),
     ],
 )
 def test_bad_values_name_field_value_and_type(assignment, message):

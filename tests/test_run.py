@@ -351,3 +351,9 @@ def test_a_second_signal_interrupts_a_step(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run.fit(state, stuck_step, None, num_steps=2)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_jax_would_fold_onto_another_is_refused(seed):
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\)"):
+        run.RunConfig(seed=seed)

@@ -101,3 +101,28 @@ def test_sft_bad_input_is_one_clear_error(stdlib_lm, tmp_path, capsys, load_scri
     assert script.main([*common, "--base", str(base), "--data", str(good),
                         "--set", "model.d_model=64"]) == 2  # fmt: skip
     assert "the model is the base run's" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_fine_tune_joins_a_cluster_before_reading_its_base(stdlib_lm, tmp_path):
+    """Making the config reads the base run's checkpoint, which starts JAX; a cluster is
+    joined only before that (a process of one here, through --coordinator)."""
+    import socket
+    import subprocess
+    import sys
+
+    base, _ = stdlib_lm
+    data = tmp_path / "pairs.jsonl"
+    pairs = [{"prompt": f"def f{i}():", "response": f"    return {i}"} for i in range(8)]
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, str(ROOT / "experiments" / "sft.py"), "--workdir", str(tmp_path / "w"),
+           "--base", str(base), "--data", str(data), "--preset", "tiny", "--set", "run.steps=1",
+           "data.seq_len=32", "data.global_batch_size=8", "data.val_fraction=0",
+           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "1",
+           "--process-id", "0"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert run.load(tmp_path / "w", sft.FAMILY).step == 1

@@ -291,8 +291,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-nll", action="store_true", help="skip test bits/dim (ODE and baselines)")
     p.add_argument("--gmm-ks", nargs="+", type=int, default=[1, 2, 3, 5, 10, 20],
                    help="GaussianMixture components searched by cross-validation")  # fmt: skip
-    p.add_argument("--set", nargs="*", default=[], metavar="sample.FIELD=VALUE",
-                   help="sample otherwise, e.g. sample.guidance=1 sample.churn=0")  # fmt: skip
+    configlib.add_set_flag(p, "sample otherwise, e.g. sample.guidance=1 sample.churn=0",
+                           metavar="sample.FIELD=VALUE")  # fmt: skip
     p.add_argument("--results", type=pathlib.Path, help="append the section to this RESULTS.md")
     return p.parse_args(argv)
 

@@ -57,6 +57,7 @@ import time
 import numpy as np
 
 from genjax import benchmarking
+from genjax import config as configlib
 
 # On a GPU the driver would otherwise hold 75% of the memory while a side runs.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -413,13 +414,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="also trace genjax training steps: XLA's op time by kind")  # fmt: skip
     p.add_argument("--results", type=pathlib.Path, help="append a dated section to this file")
-    p.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="config overrides of the digits preset, e.g. model.condition=none",
-    )
+    configlib.add_set_flag(p, "config overrides of the digits preset, e.g. model.condition=none")
     return p.parse_args(argv)
 
 

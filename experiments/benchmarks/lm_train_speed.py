@@ -39,6 +39,7 @@ import time
 import numpy as np
 
 from genjax import benchmarking
+from genjax import config as configlib
 
 # On a GPU the driver's matmul measurement would otherwise hold 75% of the
 # memory while the side under test runs in a child process.
@@ -106,7 +107,6 @@ def token_batches(spec: dict) -> list[np.ndarray]:
 
 def model_config(preset: str, overrides: list[str]):
     """The preset with ``field=value`` overrides (genjax side only, e.g. attention=cudnn)."""
-    from genjax import config as configlib
     from genjax.models import transformer
 
     return configlib.override(transformer.get_preset(preset), overrides)
@@ -238,12 +238,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of these")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU cores per side")
     p.add_argument("--results", type=pathlib.Path, help="append a dated section to this file")
-    p.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
+    configlib.add_set_flag(
+        p,
+        "genjax model overrides, e.g. attention=cudnn remat_policy=dots",
         metavar="FIELD=VALUE",
-        help="genjax model overrides, e.g. attention=cudnn remat_policy=dots",
     )
     return p.parse_args(argv)
 

@@ -29,6 +29,7 @@ import time
 import jax
 
 from genjax import benchmarking
+from genjax import config as configlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FAMILIES = ("diffusion", "gan", "vae")
@@ -67,8 +68,7 @@ def summarize(runs: list[dict], key: str) -> tuple[dict, dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--family", choices=FAMILIES, default="diffusion")
-    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="passed to every run, e.g. model.pack=1")  # fmt: skip
+    configlib.add_set_flag(p, "passed to every run, e.g. model.pack=1")
     p.add_argument("--label", default="", help="names this configuration in the rows")
     p.add_argument("--datasets", nargs="+", default=["ring", "grid"])
     p.add_argument("--seeds", type=int, default=5, help="runs per mixture, seeds 0..N-1")

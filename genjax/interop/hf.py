@@ -488,12 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     imp.add_argument("--hf", required=True, help="folder with config.json, safetensors, tokenizer")
     imp.add_argument("--workdir", required=True, help="run directory to create")
     imp.add_argument("--seq-len", type=int, help="training row length (default min(256, context))")
-    imp.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override run config fields, e.g. data.corpus=\"('src/',)\" optim.lr=1e-4",
+    configlib.add_set_flag(
+        imp, "override run config fields, e.g. data.corpus=\"('src/',)\" optim.lr=1e-4"
     )
     args = p.parse_args(argv)
     try:
