@@ -7,7 +7,7 @@ Command (the README's main job; resumes when re-run with the same --workdir):
 Hardware and time: with no flags but --workdir it trains the ``cpu-small``
 preset (12.2M parameters, the configuration of experiments/benchmarks/README.md)
 on the Python standard library of this machine for 400 steps of 16 × 256
-tokens — about 11–20 minutes on a 2-core CPU — then prints validation bits per
+tokens — about 11–28 minutes on a 2-core CPU — then prints validation bits per
 byte and two short samples (greedy, and at temperature 0.8 with top-p 0.95).
 Expected: about 1.75 validation bits/byte (measured numbers in
 experiments/benchmarks/RESULTS.md).

@@ -18,7 +18,7 @@ Each policy (and the SFT model) is then sampled at temperature 1, 40 responses p
 start node, and scored: gold reward, proxy reward (the reward model, normalized),
 KL to the SFT model (the mean over samples of log π − log π_sft) and the invalid-walk
 rate. Writes ``DIR/results.json`` (each method's means over seeds, with the per-seed
-values) and ``DIR/frontier.png`` (gold reward against KL to SFT). About 6 minutes on a
+values) and ``DIR/frontier.png`` (gold reward against KL to SFT). About 5 minutes on a
 2-core CPU for 3 seeds; ``--quick`` is a smoke run of seconds.
 """
 

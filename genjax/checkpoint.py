@@ -300,28 +300,39 @@ def _ignore_reads_left_in_flight() -> None:
 
     When one tensor of a step fails to read, orbax stops waiting and closes its
     event loop while tensorstore still reads the others. Each of those later
-    reports, a traceback apiece and long after the step was skipped, either
-    "Event loop is closed" through ``sys.unraisablehook`` or, if it failed too,
-    asyncio's "Task (or Future) exception was never retrieved" when collected.
-    Only these two reports are dropped; anything else goes through as before.
+    reports, a traceback apiece and long after the step was skipped, one of:
+    "Event loop is closed" or its own read error through ``sys.unraisablehook``
+    (``_left_in_flight``), or asyncio's "Task (or Future) exception was never
+    retrieved" when collected. Only these reports are dropped; anything else goes
+    through as before.
     """
     previous = sys.unraisablehook
     if getattr(previous, "ignores_closed_loop", False):
         return
 
     def hook(unraisable):
-        value, tb = unraisable.exc_value, unraisable.exc_traceback
-        frames = []
-        while tb is not None:
-            frames.append(tb.tb_frame.f_code.co_name)
-            tb = tb.tb_next
-        closed = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
-        if not (closed and "call_soon_threadsafe" in frames):
+        if not _left_in_flight(unraisable):
             previous(unraisable)
 
     hook.ignores_closed_loop = True
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(_unretrieved_read_failure)
+
+
+def _left_in_flight(unraisable) -> bool:
+    """Whether ``sys.unraisablehook``'s report is of a read a failed restore left in flight:
+    its callback on the closed loop, or its own failure when its coroutine was collected
+    (orbax awaits every read of a restore that succeeds)."""
+    value, tb = unraisable.exc_value, unraisable.exc_traceback
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    closed = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+    failed_read = str(value).startswith("Encountered error while reading array index")
+    return (closed and "call_soon_threadsafe" in frames) or (
+        failed_read and "_read_array_index_and_device_put" in frames
+    )
 
 
 def _unretrieved_read_failure(record: logging.LogRecord) -> bool:

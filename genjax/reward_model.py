@@ -259,7 +259,7 @@ def load(workdir: str | pathlib.Path) -> tuple[transformer.Config, dict, dict[st
 
 
 def add_flags(p) -> None:
-    p.add_argument("--base", help="the LM run (workdir) the reward model starts from")
+    p.add_argument("--base", help="the LM run (workdir) to start from (an SFT run, normally)")
     p.add_argument("--data", help="preference pairs, JSON lines {prompt, chosen, rejected}")
 
 

@@ -5,6 +5,7 @@ import gc
 import logging
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,6 +20,7 @@ import tensorstore
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from genjax import checkpoint
 from genjax.checkpoint import Checkpointer, ConfigMismatchError
 
 # A restore that fails on one tensorstore read leaves other reads in flight; their
@@ -252,6 +254,38 @@ def test_reads_a_skipped_step_left_unawaited_are_not_reported(tmp_path, mesh, ca
         assert caplog.records == []
         _drop_with_unretrieved_error(ValueError("not a checkpoint read"))  # still reported
         assert [r.exc_info[1].args for r in caplog.records] == [("not a checkpoint read",)]
+
+
+class _Suspend:
+    def __await__(self):
+        yield
+
+
+async def _read_array_index_and_device_put():  # named as orbax's read of one array
+    try:
+        await _Suspend()
+    finally:
+        raise Exception("Encountered error while reading array index: (slice(0, 2, 1),)")
+
+
+async def _another_coroutine():
+    try:
+        await _Suspend()
+    finally:
+        raise Exception("Encountered error while reading array index: not orbax's")
+
+
+def test_a_read_collected_with_its_failure_is_known_as_left_in_flight(monkeypatch):
+    """A read that failed after orbax stopped awaiting it is reported ("Exception ignored
+    in: <coroutine ...>") when its coroutine is collected: dropped, and only that."""
+    reports = []
+    monkeypatch.setattr(sys, "unraisablehook", reports.append)
+    for read in (_read_array_index_and_device_put, _another_coroutine):
+        suspended = read()
+        suspended.send(None)
+        del suspended
+        gc.collect()
+    assert [checkpoint._left_in_flight(r) for r in reports] == [True, False]
 
 
 def test_incomplete_save_is_ignored(tmp_path, mesh):
