@@ -31,6 +31,15 @@ RESULT_TAG = "RESULT_JSON:"  # a child's result: this tag, then JSON, on one std
 # ----------------------------------------------------------------------------- the machine
 
 
+def jax_side_versions() -> dict[str, str]:
+    """A JAX side's versions line: JAX's, and the device that ran it (``cpu``, ``NVIDIA
+    H100 80GB HBM3``, ``TPU v5 lite``), which the machine line (the host's) does not name."""
+    import jax
+
+    devices = jax.devices()
+    return {"jax": jax.__version__, "device": f"{len(devices)} × {devices[0].device_kind}"}
+
+
 def cpu_name() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:

@@ -209,3 +209,15 @@ def test_ppo_speed_benchmark_runs_the_genjax_side(tmp_path):
     bad = [sys.executable, str(ROOT / BENCH / "ppo_speed.py"), "--sides", "nope"]
     proc = subprocess.run(bad, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--sides: choose from genjax,rejax,sb3" in proc.stderr
+
+
+def test_ppo_speed_credits_each_side_the_steps_it_ran(load_script):
+    """rejax and stable-baselines3 roll out until total_timesteps is reached; genjax runs
+    the whole updates within it."""
+    from genjax.rl import ppo
+
+    bench = load_script("experiments/benchmarks/ppo_speed.py")
+    h = bench.hyper({"timesteps": 500_000})
+    assert bench.peer_steps(h) == 977 * 512
+    cfg = ppo.PPOConfig(total_timesteps=500_000)
+    assert cfg.num_updates * cfg.steps_per_update == 976 * 512

@@ -193,7 +193,7 @@ def run_genjax(spec: dict) -> dict:
     )  # fmt: skip
     out.update(time_sample(sample, spec))
     out["params"] = count_genjax_params(cfg)
-    out["versions"] = {"jax": jax.__version__}
+    out["versions"] = benchmarking.jax_side_versions()
     return out
 
 

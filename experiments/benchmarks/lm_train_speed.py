@@ -149,7 +149,7 @@ def run_genjax(spec: dict) -> dict:
         return float(metrics["loss"])
 
     out = time_steps(run_step, sync, spec)
-    out["versions"] = {"jax": jax.__version__}
+    out["versions"] = benchmarking.jax_side_versions()
     out["params"] = sum(x.size for x in jax.tree.leaves(holder["state"].params))
     return out
 

@@ -16,9 +16,10 @@ and critic MLPs 2 × 64 tanh.
   on gymnax's CartPole-v1 through a two-line adapter: rejax reads gymnax's older
   5-tuple ``step``, gymnax 1.0 returns termination and truncation apart (rejax then
   treats both as the end of the episode, as it always did). Its evaluation callback runs
-  once, at the end (``eval_freq`` = the whole run). rejax has no way to spread seeds over
-  devices; ``--rejax-cpu-devices N`` gives it the same split by hand (its keys placed by
-  ``ppo.shard_seeds``), to show what the split alone is worth.
+  once, at the end (``eval_freq`` = the whole run), inside the timed call: 128 episodes
+  of the final policy, a small share of the run that counts against rejax. rejax has no
+  way to spread seeds over devices; ``--rejax-cpu-devices N`` gives it the same split
+  by hand (its keys placed by ``ppo.shard_seeds``), to show what the split alone is worth.
 - **sb3**: stable-baselines3's ``PPO("MlpPolicy")`` on gymnasium's CartPole-v1 with 4
   ``DummyVecEnv`` environments, torch on CPU: one seed (``--sb3-seeds`` more run one
   after another; SB3 has no batched seeds, so its rate at N seeds is its 1-seed rate).
@@ -62,6 +63,14 @@ SOLVED = 475.0
 def hyper(spec: dict) -> dict:
     return {"num_envs": 4, "num_steps": 128, "total_timesteps": spec["timesteps"],
             "update_epochs": 4, "num_minibatches": 4, "lr": 2.5e-4}  # fmt: skip
+
+
+def peer_steps(h: dict) -> int:
+    """The steps rejax and stable-baselines3 run for ``total_timesteps``: whole rollouts
+    until it is reached (977 × 512 for 500,000), where genjax stops at whole updates
+    within it (976 × 512); each side is credited the steps it ran."""
+    per_update = h["num_envs"] * h["num_steps"]
+    return -(-h["total_timesteps"] // per_update) * per_update
 
 
 def timed_runs(run, reps: int) -> tuple[float, list[float], object]:
@@ -108,7 +117,7 @@ def genjax_side(spec: dict) -> dict:
         rows[seeds] = {"steps_per_s": steps / run_s, "compile_s": compile_s, "run_s": run_s,
                        "steps": steps, "times": times, "final_return": final.tolist(),
                        "devices": len(keys.sharding.device_set)}  # fmt: skip
-    return {"rows": rows, "versions": {"jax": jax.__version__}}
+    return {"rows": rows, "versions": benchmarking.jax_side_versions()}
 
 
 def rejax_side(spec: dict) -> dict:
@@ -154,8 +163,7 @@ def rejax_side(spec: dict) -> dict:
         )
         # returns: [(seeds,) evaluations, 128 episodes]; the last evaluation is the end.
         final = np.asarray(returns).reshape(seeds, -1, np.asarray(returns).shape[-1])[:, -1]
-        per_update = h["num_envs"] * h["num_steps"]  # whole updates, as genjax counts them
-        steps = seeds * (h["total_timesteps"] // per_update) * per_update
+        steps = seeds * peer_steps(h)
         rows[seeds] = {"steps_per_s": steps / run_s, "compile_s": max(first_s - run_s, 0.0),
                        "run_s": run_s, "steps": steps, "times": times,
                        "final_return": final.mean(-1).tolist(),
@@ -188,7 +196,7 @@ def sb3_side(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
         finals.append(float(np.mean([ep["r"] for ep in model.ep_info_buffer])))
     run_s = statistics.median(times)
-    row = {"steps_per_s": h["total_timesteps"] / run_s, "compile_s": 0.0, "run_s": run_s,
+    row = {"steps_per_s": peer_steps(h) / run_s, "compile_s": 0.0, "run_s": run_s,
            "final_return": finals, "devices": "–"}  # fmt: skip
     versions = {"stable-baselines3": sb3.__version__, "torch": torch.__version__}
     return {"rows": {seeds: row for seeds in spec["seed_counts"]}, "versions": versions}
