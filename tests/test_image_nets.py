@@ -251,6 +251,8 @@ def test_bad_configs_and_inputs_are_clear_errors():
         UNetConfig(attention_levels=(2,))
     with pytest.raises(ValueError, match="groups=8 must divide 12 channels"):
         UNetConfig(channels=12)
+    with pytest.raises(ValueError, match="groups=8 must divide channels=12"):
+        UNetConfig(channels=12, channel_mult=(2, 4), heads=4)
     with pytest.raises(ValueError, match="heads=3 must divide width=128"):
         DiTConfig(heads=3)
     dit = randomized(lambda: DiT(DiTConfig(width=8, depth=1, heads=2), rngs=nnx.Rngs(0)))

@@ -129,6 +129,7 @@ def test_user_array_with_and_without_labels(tmp_path):
         (None, {}, "no images file"),
         (np.zeros((5, 8, 8), np.uint8), {}, r"x\[\.\.\., None\]"),
         (np.zeros((5, 64), np.uint8), {}, r"expected \[N, H, W, C\]"),
+        (np.zeros((5, 3, 8, 8), np.uint8), {}, r"channels first.*np.moveaxis\(x, 1, -1\)"),
         (np.zeros((5, 8, 8, 1), np.float32), {}, "convert them to integer levels"),
         (np.zeros((5, 8, 8, 1), np.int64), {}, "need levels=K"),
         (np.full((5, 8, 8, 1), -1, np.int64), {"levels": 17}, "shift them to levels 0..16"),

@@ -109,6 +109,11 @@ def _check_images(x: np.ndarray, levels: int | None) -> int:
     if x.ndim != 4:
         hint = "; a grayscale [N, H, W] array needs a trailing axis: x[..., None]" * (x.ndim == 3)
         raise ValueError(f"images have shape {x.shape}; expected [N, H, W, C]{hint}")
+    if x.shape[1] in (1, 3, 4) and x.shape[3] not in (1, 3, 4):
+        raise ValueError(
+            f"images have shape {x.shape}: channels first, it seems; genjax reads "
+            "[N, H, W, C]: np.moveaxis(x, 1, -1)"
+        )
     if np.issubdtype(x.dtype, np.floating):
         raise ValueError(
             f"images are {x.dtype}; convert them to integer levels, "

@@ -18,6 +18,11 @@ import numpy as np
 Batch = dict[str, np.ndarray]
 
 
+def _spread(seed: int) -> int:
+    """A seed for grain's shuffle far from the one of seed ± 1 (they count epochs up)."""
+    return int(np.random.SeedSequence(seed).generate_state(1)[0] >> 1)
+
+
 def row_batches(
     arrays: Batch,
     global_batch_size: int,
@@ -45,8 +50,10 @@ def row_batches(
         )
     # ShuffleMapDataset seeds index k's permutation with seed + k // N, and
     # repeat() keeps that epoch number (reseed_each_epoch=True), so every epoch
-    # is a fresh permutation (grain 0.2.18, transformations/shuffle.py).
-    ds = grain.MapDataset.range(num_rows).shuffle(seed=seed).repeat()
+    # is a fresh permutation (grain 0.2.18, transformations/shuffle.py). Given the
+    # seed itself, seed s's epoch e + 1 would be seed s + 1's epoch e: a sweep over
+    # data.seed = 0, 1, 2 would read one order, shifted by an epoch.
+    ds = grain.MapDataset.range(num_rows).shuffle(seed=_spread(seed)).repeat()
     ds = ds.batch(global_batch_size // n).map(lambda index_b: _take(arrays, index_b))
     if transform is not None:  # before the split over processes: seeded by the global index
         ds = ds.random_map(transform, seed=seed)

@@ -96,6 +96,10 @@ class UNetConfig:
                 raise ValueError(f"unet config: groups={self.groups} must divide {c} channels")
             if c % self.heads:
                 raise ValueError(f"unet config: heads={self.heads} must divide {c} channels")
+        if self.channels % self.groups:  # the stem's output, the first skip, is normed too
+            raise ValueError(
+                f"unet config: groups={self.groups} must divide channels={self.channels}"
+            )
         if self.text and self.text_width % self.heads:
             raise ValueError(
                 f"unet config: heads={self.heads} must divide text_width={self.text_width}"
