@@ -39,6 +39,10 @@ _NUM_BYTES = 256
 MIN_VOCAB_SIZE = _NUM_SPECIAL + _NUM_BYTES + 1
 # sentencepiece's whitespace meta symbol; a literal one in text needs escaping.
 _SPACE_SYMBOL = "\u2581"
+# What a genjax tokenizer gives back exactly and a normalizing one does not: leading,
+# doubled and trailing spaces, tabs, CRLF, compatibility characters (NFKC: "ﬁ" → "fi"),
+# bytes no piece covers.
+_LOSSLESS_PROBE = "  def f(x):\r\n\t  return  x ﬁ é \U0001f642\x00  \n"
 # Training sentences are chunks of whole lines of about this many characters.
 _CHUNK_CHARS = 2048
 _MAX_SENTENCE_BYTES = 16384
@@ -167,6 +171,13 @@ class Tokenizer:
                 f"{path} is a sentencepiece model but not a genjax tokenizer "
                 "(expected <eod> at id 2 and byte pieces from id 3)"
             )
+        # The rest of what `train` sets (no normalization, no dummy prefix, spaces kept,
+        # every byte a piece) shows in one exact round trip.
+        if tokenizer.decode(tokenizer.encode(_LOSSLESS_PROBE)) != _LOSSLESS_PROBE:
+            raise ValueError(
+                f"{path} is a sentencepiece model but not a genjax tokenizer: it does not "
+                "give text back exactly (normalization, a dummy prefix or dropped spaces)"
+            )
         return tokenizer
 
     @property
@@ -192,6 +203,14 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encodes many texts with sentencepiece's thread pool."""
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate: undecodable bytes of an argv
+                raise ValueError(
+                    f"cannot encode {text[:40]!r}: {e.reason} at {e.start}; text must be valid "
+                    "Unicode (was it given as bytes that are not UTF-8?)"
+                ) from None
         # Cut each text at literal "▁"; the cuts are re-joined with its byte pieces.
         segments = [text.split(_SPACE_SYMBOL) for text in texts]
         flat = [s for segs in segments for s in segs]

@@ -446,6 +446,7 @@ def test_sharded_decoding_equals_one_device(params, cache_block):
         ([[2, 3], []], 4, "prompt 1 is empty"),
         ([[2, 512]], 4, r"outside \[0, 512\)"),
         ([[2] * 60], 10, "exceeds the model's context of 64.*at most 4 new tokens"),
+        ([[2] * 70], 1, "context of 64 positions. Shorten the prompt or keep it under 64 tokens"),
         ([[2]], 0, "max_new_tokens=0"),
     ],
 )

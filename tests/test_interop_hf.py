@@ -225,8 +225,19 @@ def _corrupt(tmp_path, edit) -> pathlib.Path:
 def _with_header(raw: bytes, change) -> bytes:
     (n,) = struct.unpack("<Q", raw[:8])
     header = change(json.loads(raw[8 : 8 + n]))
-    text = json.dumps(header).encode()
+    return _with_header_text(raw, json.dumps(header).encode())
+
+
+def _with_header_text(raw: bytes, text: bytes) -> bytes:
+    (n,) = struct.unpack("<Q", raw[:8])
     return struct.pack("<Q", len(text)) + text + raw[8 + n :]
+
+
+def _header_naming_b_twice(raw: bytes) -> bytes:
+    (n,) = struct.unpack("<Q", raw[:8])
+    text = raw[8 : 8 + n].decode()
+    b = json.dumps(json.loads(text)["b"])
+    return _with_header_text(raw, text.rstrip()[:-1].encode() + f', "b": {b}}}'.encode())
 
 
 @pytest.mark.parametrize(
@@ -250,12 +261,32 @@ def _with_header(raw: bytes, change) -> bytes:
             ),
             "tensors overlap or leave a gap",
         ),
+        (
+            lambda raw: _with_header(raw, lambda h: {**h, "a": {**h["a"], "dtype": ["F32"]}}),
+            r"t.safetensors: tensor 'a': dtype \['F32'\] is not supported",
+        ),
+        (lambda raw: _with_header_text(raw, b"[" * 100_000 + b"]" * 100_000), "JSON object"),
+        (
+            lambda raw: _with_header_text(raw, b'{"c": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+            "not valid JSON",
+        ),
+        (_header_naming_b_twice, "header names 'b' twice"),
+        (lambda raw: _with_header(raw, lambda h: {**h, "__metadata__": []}), "__metadata__"),
     ],
-    ids=["truncated", "tiny", "header-length", "json", "size", "dtype", "overlap"],
+    ids=[
+        *("truncated", "tiny", "header-length", "json", "size", "dtype", "overlap"),
+        *("dtype-list", "nested", "nested-in-object", "duplicate", "metadata-list"),
+    ],
 )
 def test_safetensors_reader_rejects_bad_files_clearly(tmp_path, edit, match):
     with pytest.raises(st.SafetensorsError, match=match):
         st.load(_corrupt(tmp_path, edit))
+
+
+def test_bad_metadata_leaves_no_file_behind(tmp_path):
+    with pytest.raises(st.SafetensorsError):
+        st.save(tmp_path / "t.safetensors", {"a": np.ones(2, np.float32)}, metadata={"a": 1})
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- clear errors
@@ -286,6 +317,21 @@ def test_wrong_shape_missing_and_unexpected_tensors_are_named(tmp_path):
     assert "model.layers.0.self_attn.q_proj.bias: unexpected tensor" in message
 
 
+@pytest.mark.parametrize(
+    "weight_map, match",
+    [
+        ([], "weight_map must map tensor names to shard file names"),
+        ({"a": 1}, "weight_map must map tensor names to shard file names"),
+        ({"a": ".."}, r"shard '\.\.' is not a file name in the folder"),
+        ({"a": "../x.safetensors"}, "is not a file name in the folder"),
+    ],
+)
+def test_a_shard_index_is_read_only_within_its_folder(tmp_path, weight_map, match):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=match):
+        hf.read_hf_tensors(tmp_path)
+
+
 def test_tied_head_is_accepted_only_if_it_is_the_embedding(tmp_path):
     folder = _hf_folder(tmp_path)
     _, params = hf.read_hf(folder)
@@ -308,6 +354,11 @@ def test_tied_head_is_accepted_only_if_it_is_the_embedding(tmp_path):
         ({"mlp_bias": True}, "mlp_bias=true"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"hidden_size": "64"}, "hidden_size must be an integer"),
+        ({"rope_parameters": "default"}, "rope_parameters must be an object"),
+        ({"rope_theta": [1]}, r"rope_theta must be a positive number, got \[1\]"),
+        ({"rms_norm_eps": "abc"}, "rms_norm_eps must be a positive number"),
+        ({"rms_norm_eps": -1}, "rms_norm_eps must be a positive number"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
     ],
 )
 def test_unsupported_configs_are_refused(tmp_path, change, match):

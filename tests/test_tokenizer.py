@@ -171,3 +171,31 @@ def test_vocab_too_large_for_corpus(tmp_path):
 def test_train_on_nothing(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         Tokenizer.train([], vocab_size=400, model_path=tmp_path / "m")
+
+
+def test_load_refuses_a_sentencepiece_model_that_normalizes(corpus, tmp_path):
+    """<eod> at id 2 and byte pieces, but sentencepiece's default normalization: it would
+    lose spaces and rewrite characters, so it is not a genjax tokenizer."""
+    import io
+
+    import sentencepiece as spm
+
+    from genjax import tokenizer as toklib
+
+    writer = io.BytesIO()
+    options = toklib._trainer_options(VOCAB_SIZE, 50_000, 1) | {
+        "normalization_rule_name": "nmt_nfkc", "add_dummy_prefix": True,
+        "remove_extra_whitespaces": True,
+    }  # fmt: skip
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus[0][:50]), model_writer=writer,
+                                   **options)  # fmt: skip
+    path = tmp_path / "normalizing.model"
+    path.write_bytes(writer.getvalue())
+    with pytest.raises(ValueError, match="does not give text back exactly"):
+        Tokenizer.load(path)
+
+
+def test_text_that_is_not_valid_unicode_is_a_clear_error(tokenizer):
+    """An argv whose bytes are not UTF-8 reaches Python as lone surrogates."""
+    with pytest.raises(ValueError, match=r"cannot encode 'caf\\udce9'.*valid Unicode"):
+        tokenizer.encode("caf\udce9")

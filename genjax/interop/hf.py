@@ -238,7 +238,7 @@ def _unsupported(hf: Mapping[str, Any]) -> list[str]:
         problems.append(f"architectures {arch} (only ['LlamaForCausalLM'] is supported)")
     if hf.get("rope_scaling") is not None:
         problems.append(f"rope_scaling {hf['rope_scaling']} (genjax has plain RoPE only)")
-    rope = hf.get("rope_parameters") or {}  # transformers 5.x
+    rope = _rope_parameters(hf)  # transformers 5.x
     if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
         problems.append(f"rope_parameters {rope} (genjax has plain RoPE only)")
     for key in ("attention_bias", "mlp_bias"):
@@ -260,6 +260,27 @@ def _count(hf: Mapping[str, Any], key: str, default: int | None = None) -> int:
     return value
 
 
+def _rope_parameters(hf: Mapping[str, Any]) -> dict:
+    rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"config.json: rope_parameters must be an object, got {rope!r}")
+    return rope
+
+
+def _positive(value: Any, key: str) -> float:
+    """A number a config.json key must hold: finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"config.json: {key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _flag(hf: Mapping[str, Any], key: str) -> bool:
+    value = hf.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"config.json: {key} must be true or false, got {value!r}")
+    return value
+
+
 def model_config(hf: Mapping[str, Any]) -> transformer.Config:
     """The genjax model config of a Llama ``config.json`` (HF's defaults where a key is
     absent); genjax-only fields (attention block, compute dtype, scan) keep their defaults."""
@@ -267,7 +288,7 @@ def model_config(hf: Mapping[str, Any]) -> transformer.Config:
     if problems:
         raise ValueError(f"config.json: unsupported model: {'; '.join(problems)}")
     num_heads, d_model = _count(hf, "num_attention_heads"), _count(hf, "hidden_size")
-    rope = hf.get("rope_parameters") or {}
+    rope = _rope_parameters(hf)
     return transformer.Config(
         vocab_size=_count(hf, "vocab_size"),
         d_model=d_model,
@@ -277,9 +298,9 @@ def model_config(hf: Mapping[str, Any]) -> transformer.Config:
         head_dim=_count(hf, "head_dim", d_model // max(num_heads, 1)),
         ffn_dim=_count(hf, "intermediate_size"),
         max_seq_len=_count(hf, "max_position_embeddings"),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_theta=_positive(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)), "rope_theta"),
+        norm_eps=_positive(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+        tie_embeddings=_flag(hf, "tie_word_embeddings"),
     )
 
 
@@ -383,9 +404,12 @@ def _read_shards(index: pathlib.Path) -> dict[str, np.ndarray]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+        raise ValueError(f"{index}: weight_map must map tensor names to shard file names")
     tensors: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):
-        if pathlib.PurePath(shard).name != shard:  # never read outside the folder
+        # Never read outside the folder ("..", "sub/x", "" are not a file's name in it).
+        if shard in ("", ".", "..") or pathlib.PurePath(shard).name != shard:
             raise ValueError(f"{index}: shard {shard!r} is not a file name in the folder")
         for name, tensor in safetensors.load(index.parent / shard).items():
             if name in tensors:

@@ -99,10 +99,11 @@ def save(
         if not isinstance(name, str):
             raise SafetensorsError(f"tensor names must be strings, got {name!r}")
         dtype_name(array.dtype)  # fails early, naming the dtype
+    header = _encode_header(arrays, metadata)  # bad metadata fails before any file exists
     path = pathlib.Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(_encode_header(arrays, metadata))
+        f.write(header)
         for name in sorted(arrays):
             array = arrays[name]
             little = array.astype(array.dtype.newbyteorder("<"), copy=False)
@@ -113,33 +114,34 @@ def save(
 # ----------------------------------------------------------------------------- reading
 
 
-def _check_entry(name: str, entry, data_size: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+def _check_entry(
+    name: str, entry, data_size: int, where: str
+) -> tuple[np.dtype, tuple[int, ...], int, int]:
     """(dtype, shape, begin, end) of one header entry, every field checked."""
+    where = f"{where}: tensor {name!r}"
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise SafetensorsError(
-            f"tensor {name!r}: header entry must have exactly dtype, shape and data_offsets, "
-            f"got {entry!r}"
+            f"{where}: header entry must have exactly dtype, shape and data_offsets, got {entry!r}"
         )
-    if entry["dtype"] not in DTYPES:
+    if not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPES:
         raise SafetensorsError(
-            f"tensor {name!r}: dtype {entry['dtype']!r} is not supported "
-            f"(supported: {', '.join(DTYPES)})"
+            f"{where}: dtype {entry['dtype']!r} is not supported (supported: {', '.join(DTYPES)})"
         )
     dtype, shape, offsets = DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
     if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
-        raise SafetensorsError(f"tensor {name!r}: bad shape {shape!r}")
+        raise SafetensorsError(f"{where}: bad shape {shape!r}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
-        raise SafetensorsError(f"tensor {name!r}: bad data_offsets {offsets!r}")
+        raise SafetensorsError(f"{where}: bad data_offsets {offsets!r}")
     begin, end = offsets
     if not begin <= end <= data_size:
         raise SafetensorsError(
-            f"tensor {name!r}: data_offsets [{begin}, {end}] point outside the "
+            f"{where}: data_offsets [{begin}, {end}] point outside the "
             f"{data_size} data bytes of the file (truncated or corrupt file?)"
         )
     expected = math.prod(shape) * dtype.itemsize
     if end - begin != expected:
         raise SafetensorsError(
-            f"tensor {name!r}: {entry['dtype']} {tuple(shape)} needs {expected} bytes, "
+            f"{where}: {entry['dtype']} {tuple(shape)} needs {expected} bytes, "
             f"but data_offsets [{begin}, {end}] hold {end - begin}"
         )
     return dtype, tuple(shape), begin, end
@@ -166,16 +168,31 @@ def _read_header(f, file_size: int, where: str) -> tuple[dict, dict[str, str], i
             f"{where}: header length {length} points past the end of the "
             f"{file_size}-byte file (truncated, or not a safetensors file)"
         )
+    text = f.read(length)
+    if not text.lstrip().startswith(b"{"):  # nor a nesting deep enough to exhaust the stack
+        raise SafetensorsError(f"{where}: header is not valid JSON: one JSON object expected")
     try:
-        header = json.loads(f.read(length))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(text, object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise SafetensorsError(f"{where}: header is not valid JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise SafetensorsError(f"{where}: header must be a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    except _DuplicateKey as e:
+        raise SafetensorsError(f"{where}: header names {e} twice") from None
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise SafetensorsError(f"{where}: __metadata__ must map strings to strings")
     return header, metadata, _HEADER_LENGTH_BYTES + length
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise _DuplicateKey(repr(next(k for k in keys if keys.count(k) > 1)))
+    return dict(pairs)
 
 
 def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -189,7 +206,7 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
         file_size = os.fstat(f.fileno()).st_size
         header, _, data_start = _read_header(f, file_size, str(path))
         data_size = file_size - data_start
-        entries = {name: _check_entry(name, e, data_size) for name, e in header.items()}
+        entries = {name: _check_entry(name, e, data_size, str(path)) for name, e in header.items()}
         _check_coverage(entries, data_size, str(path))
         tensors = {}
         for name, (dtype, shape, begin, end) in entries.items():

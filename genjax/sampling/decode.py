@@ -196,10 +196,15 @@ def check_request(
         if bad:
             raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}): {bad[:5]}")
         if len(prompt) + max_new_tokens > cfg.max_seq_len:
+            fix = (
+                f"ask for at most {cfg.max_seq_len - len(prompt)} new tokens"
+                if len(prompt) < cfg.max_seq_len
+                else f"keep it under {cfg.max_seq_len} tokens"
+            )
             raise ValueError(
-                f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that "
-                f"exceeds the model's context of {cfg.max_seq_len} positions. Shorten the prompt "
-                f"or ask for at most {cfg.max_seq_len - len(prompt)} new tokens"
+                f"prompt {i} (0-based) has {len(prompt)} tokens; with max_new_tokens="
+                f"{max_new_tokens} that exceeds the model's context of {cfg.max_seq_len} "
+                f"positions. Shorten the prompt or {fix}"
             )
 
 
