@@ -182,6 +182,8 @@ def main(argv=None) -> int:
              else dict(sft=300, rm=200, ppo=100, ppo_gold=100, dpo=100, grpo=50))  # fmt: skip
     preference_prompts = 24 if args.quick else None  # of each split; None: every prompt
     try:
+        base = str(pathlib.Path(args.base).resolve())
+        rlhf.check_pipeline_workdir(d, {"quick": args.quick, "base": base})
         base_model = sft.base_model(args.base)
         length = min(LENGTH, base_model.max_seq_len // 2)
         paths = write_data(d, sft.base_tokenizer(args.base, base_model), length)

@@ -133,6 +133,11 @@ def main(argv=None) -> int:
     if args.seeds < 1:
         p.error(f"--seeds {args.seeds} must be >= 1")
     d = pathlib.Path(args.workdir)
+    try:
+        rlhf.check_pipeline_workdir(d, {"quick": args.quick})
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     paths = walks.write_task(d / "data", walks=2_000 if args.quick else 20_000,
                              pairs=400 if args.quick else 4_000)  # fmt: skip
     paths["prompts_jsonl"] = d / "data" / "prompts.jsonl"

@@ -13,13 +13,16 @@ likelihood through the decoder is not computed here).
 
 The VAE is part of the run's config (``latent.vae_workdir``, and the latent size it
 has, ``latent.dim``): a run resumed over another VAE is refused, as is a VAE whose
-latent size differs from a ``latent.dim`` given.
+latent size differs from a ``latent.dim`` given. The VAE's checkpoint step is kept in
+``WORKDIR/latent_vae.json``: a run resumed over the same VAE trained further (other
+latents) is refused too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import pathlib
 import sys
 
@@ -106,8 +109,27 @@ def encode_training_set(vae_cfg: vae_family.Config, vae_params, images) -> Laten
 # ----------------------------------------------------------------------------- the family
 
 
+def check_vae_step(workdir: pathlib.Path, vae_workdir: str, step: int) -> None:
+    """Records the VAE step this run's latents come from, or refuses another one once the
+    run has a checkpoint (its model learned the latents of the recorded step)."""
+    record = workdir / "latent_vae.json"
+    if record.exists() and (workdir / "checkpoints").is_dir():
+        recorded = json.loads(record.read_text())["vae_step"]
+        if recorded != step:
+            raise ValueError(
+                f"the VAE in {vae_workdir} is at step {step}, but this run learned the "
+                f"latents of its step {recorded} ({record}); use a fresh --workdir for "
+                "the VAE as it is now"
+            )
+        return
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"vae_workdir": vae_workdir, "vae_step": step}) + "\n")
+
+
 def data(cfg: Config, workdir: pathlib.Path) -> run.Data:
     loaded = run.load(cfg.latent.vae_workdir, vae_family.IMAGES)
+    check_vae_step(workdir, cfg.latent.vae_workdir, loaded.step)
     vae_cfg, vae_params = loaded.cfg, loaded.state.params
     images = vae_cfg.data.load_images()
     latents = encode_training_set(vae_cfg, vae_params, images)

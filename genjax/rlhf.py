@@ -649,6 +649,27 @@ def evaluate_policy(
     return scores, s
 
 
+def check_pipeline_workdir(workdir: pathlib.Path, settings: dict) -> None:
+    """Records what a pipeline's workdir is made with (``pipeline.json``: --quick, the
+    base), or refuses a command that asks for other settings: its stages would resume
+    the recorded ones' runs (a smoke run's data and steps) as if they were its own."""
+    path = workdir / "pipeline.json"
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        differ = [f"{k}: {recorded.get(k)!r} there, {v!r} asked" for k, v in settings.items()
+                  if recorded.get(k) != v]  # fmt: skip
+        if differ:
+            raise ValueError(
+                f"{workdir} holds a pipeline made otherwise ({'; '.join(differ)}); run the "
+                "command it was made with, or use another --workdir"
+            )
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(settings) + "\n")
+    tmp.replace(path)
+
+
 def over_seeds(rows: list[dict[str, float]], worst: str) -> dict:
     """One method's scores over seeds (a row each): every score's mean, the lowest
     ``worst`` score as ``worst_<worst>``, and each seed's scores under ``per_seed``."""

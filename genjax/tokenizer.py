@@ -31,6 +31,7 @@ import pathlib
 from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 PAD_ID, UNK_ID, EOD_ID = 0, 1, 2
 _NUM_SPECIAL = 3
@@ -39,10 +40,6 @@ _NUM_BYTES = 256
 MIN_VOCAB_SIZE = _NUM_SPECIAL + _NUM_BYTES + 1
 # sentencepiece's whitespace meta symbol; a literal one in text needs escaping.
 _SPACE_SYMBOL = "\u2581"
-# What a genjax tokenizer gives back exactly and a normalizing one does not: leading,
-# doubled and trailing spaces, tabs, CRLF, compatibility characters (NFKC: "ﬁ" → "fi"),
-# bytes no piece covers.
-_LOSSLESS_PROBE = "  def f(x):\r\n\t  return  x ﬁ é \U0001f642\x00  \n"
 # Training sentences are chunks of whole lines of about this many characters.
 _CHUNK_CHARS = 2048
 _MAX_SENTENCE_BYTES = 16384
@@ -171,12 +168,16 @@ class Tokenizer:
                 f"{path} is a sentencepiece model but not a genjax tokenizer "
                 "(expected <eod> at id 2 and byte pieces from id 3)"
             )
-        # The rest of what `train` sets (no normalization, no dummy prefix, spaces kept,
-        # every byte a piece) shows in one exact round trip.
-        if tokenizer.decode(tokenizer.encode(_LOSSLESS_PROBE)) != _LOSSLESS_PROBE:
+        # The rest of what `train` sets, on which exact round trips rest.
+        model = sentencepiece_model_pb2.ModelProto.FromString(tokenizer.model_proto)
+        norm, byte_fallback = model.normalizer_spec, model.trainer_spec.byte_fallback
+        exact = norm.name == "identity" and byte_fallback
+        if not exact or norm.add_dummy_prefix or norm.remove_extra_whitespaces:
             raise ValueError(
-                f"{path} is a sentencepiece model but not a genjax tokenizer: it does not "
-                "give text back exactly (normalization, a dummy prefix or dropped spaces)"
+                f"{path} is a sentencepiece model but not a genjax tokenizer: it would not "
+                f"give text back exactly (normalization {norm.name!r}, dummy prefix "
+                f"{norm.add_dummy_prefix}, extra spaces removed {norm.remove_extra_whitespaces}"
+                f", byte fallback {byte_fallback})"
             )
         return tokenizer
 

@@ -121,3 +121,18 @@ def test_encoding_scale_is_that_of_the_posteriors_mixture():
     np.testing.assert_allclose(latents.std, np.exp(np.asarray(logvar) / 2), rtol=1e-5)
     pooled = np.var(np.asarray(mean)) + np.mean(np.exp(np.asarray(logvar)))
     np.testing.assert_allclose(latents.scale, 1 / np.sqrt(pooled), rtol=1e-5)
+
+
+def test_a_run_resumed_over_its_vae_trained_further_is_refused(trained, tmp_path):
+    """Same VAE folder, more steps: other latents than the run learned. Until the run has a
+    checkpoint, the step is only recorded (nothing learned yet)."""
+    vae_step = run.load(trained / "vae", vae_family.IMAGES).step
+    record = json.loads((trained / "latent_vae.json").read_text())
+    assert record["vae_step"] == vae_step  # written by the run's data
+    latent_diffusion.check_vae_step(tmp_path, "v", 20)
+    latent_diffusion.check_vae_step(tmp_path, "v", 40)  # no checkpoint yet: re-recorded
+    (tmp_path / "checkpoints").mkdir()
+    latent_diffusion.check_vae_step(tmp_path, "v", 40)
+    with pytest.raises(ValueError, match="the VAE in v is at step 60, but this run learned the "
+                                         "latents of its step 40"):  # fmt: skip
+        latent_diffusion.check_vae_step(tmp_path, "v", 60)

@@ -244,6 +244,17 @@ def test_pipelines_refuse_no_seeds_before_writing(script, load_script, tmp_path,
     assert not workdir.exists()
 
 
+@pytest.mark.slow
+def test_a_pipeline_refuses_a_workdir_made_with_other_settings(walks_run, load_script, capsys):
+    """A full run in a --quick run's workdir would resume its stages (its data, its step
+    counts) and report them as a full run's."""
+    stamp = {p: p.stat().st_mtime_ns for p in walks_run.rglob("*") if p.is_file()}
+    script = load_script("experiments/rlhf_random_walks.py")
+    assert script.main(["--workdir", str(walks_run), "--seeds", "1"]) == 2
+    assert "made otherwise (quick: True there, False asked)" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in walks_run.rglob("*") if p.is_file()} == stamp
+
+
 @pytest.mark.parametrize("script", ["rlhf_random_walks.py", "rlhf_python.py"])
 def test_pipelines_stop_at_a_stage_a_signal_stopped(
     script, load_script, stdlib_lm, tmp_path, monkeypatch, capsys
