@@ -56,15 +56,6 @@ SAMPLE_ROWS = 256  # answers drawn at once
 EVAL_PROMPTS = 128  # held-out prompts each policy answers
 
 
-def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
-    """Whole or not at all: a run killed while writing leaves no half file to resume from."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_suffix(".part")
-    part.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    part.replace(path)
-    print(f"wrote {len(rows):,} records to {path}")
-
-
 def write_data(d: pathlib.Path, tok, length: int) -> dict[str, pathlib.Path]:
     """pairs.jsonl (for SFT), then the prompts that fit with their reference bodies:
     prompts.jsonl (training) and held_out.jsonl (the held-out ones); written once."""
@@ -84,7 +75,7 @@ def write_data(d: pathlib.Path, tok, length: int) -> dict[str, pathlib.Path]:
         "held_out": [p for p in val_pairs if fits(p)],
     }
     for name, rows in records.items():
-        write_jsonl(paths[name], rows)
+        rldata.write_jsonl(paths[name], rows)
     return paths
 
 
@@ -111,7 +102,7 @@ def write_preferences(d: pathlib.Path, paths: dict, length: int, limit: int | No
     gold = python_task.writes_a_body(prompts, responses)
     print(f"the SFT model's answers to {len(records):,} prompts: "
           f"{np.mean(gold):.1%} write a body")  # fmt: skip
-    write_jsonl(path, python_task.preference_pairs(
+    rldata.write_jsonl(path, python_task.preference_pairs(
         [r["prompt"] for r in records], samples, [r["response"] for r in records]))  # fmt: skip
 
 

@@ -22,11 +22,11 @@ Local smoke run: ``--preset tiny``. Any field by ``--set section.field=value``
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 
 from genjax import lm, run, sft
+from genjax.rl import data as rldata
 from genjax.rl import python_task
 
 
@@ -36,9 +36,7 @@ def write_default_pairs(workdir: pathlib.Path) -> pathlib.Path:
     if not path.exists():
         train_files, _ = lm.corpus_split(lm.DataConfig())
         pairs = python_task.function_pairs(train_files)
-        workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-        print(f"wrote {len(pairs):,} prompt–response pairs from the standard library to {path}")
+        rldata.write_jsonl(path, pairs)
     return path
 
 

@@ -223,10 +223,10 @@ def data(cfg: Config, workdir: pathlib.Path) -> run.Data:
         sums = evallib.evaluate(_sums_fn(cfg.model, "rewards"), state.params, eval_batches(sample))
         mean = sums["sum"] / sums["count"]
         std = math.sqrt(max(sums["sum_sq"] / sums["count"] - mean**2, 0.0))
-        if jax.process_index() == 0:
-            (workdir / "normalization.json").write_text(
-                json.dumps({"mean": mean, "std": std, "step": int(state.step)}) + "\n"
-            )
+        if jax.process_index() == 0:  # whole or not at all: load trusts it once there
+            part = workdir / "normalization.json.part"
+            part.write_text(json.dumps({"mean": mean, "std": std, "step": int(state.step)}) + "\n")
+            part.replace(workdir / "normalization.json")
         print(f"training rewards: mean {mean:.4f}, std {std:.4f} (saved for normalization)")
 
     return run.Data(
@@ -255,6 +255,11 @@ def load(workdir: str | pathlib.Path) -> tuple[transformer.Config, dict, dict[st
     if not path.is_file():
         raise ValueError(f"{path}: missing; the reward model run in {workdir} has not finished")
     stats = json.loads(path.read_text())
+    if stats["step"] != loaded.step:
+        raise ValueError(
+            f"{path} holds the reward statistics of step {stats['step']}, but the newest "
+            f"checkpoint is step {loaded.step}: the run has not finished; run it again"
+        )
     return loaded.cfg.model, loaded.state.params, stats
 
 

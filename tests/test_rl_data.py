@@ -57,3 +57,11 @@ def test_unreadable_files_are_clear_errors(tmp_path):
         data.read_sft(write(tmp_path / "e.jsonl", [""]))
     with pytest.raises(ValueError, match="no such file"):
         data.read_sft(tmp_path / "missing.jsonl")
+
+
+def test_write_jsonl_is_read_back_and_leaves_no_part_file(tmp_path):
+    rows = [{"prompt": "a\u2028b", "response": "c"}, {"prompt": "", "response": "d"}]
+    path = tmp_path / "sub" / "pairs.jsonl"
+    data.write_jsonl(path, rows)
+    assert data.read_sft(path) == rows
+    assert sorted(p.name for p in path.parent.iterdir()) == ["pairs.jsonl"]

@@ -5,6 +5,7 @@ reward, sharded PPO equal to one device, kill-and-resume, and bad input."""
 import json
 import pathlib
 import runpy
+import shutil
 import sys
 import types
 import warnings
@@ -331,3 +332,15 @@ def test_stage_commands_run_from_an_sft_run(walks_run, tmp_path, monkeypatch):
     assert run_command("experiments/rlhf.py", argv, monkeypatch) == 0
     logged = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").open()]
     assert any("kl" in r and "score" in r for r in logged)
+
+
+@pytest.mark.slow
+def test_a_reward_model_whose_statistics_are_of_another_step_is_unfinished(walks_run, tmp_path):
+    """A run killed after a later checkpoint: its statistics are the earlier step's."""
+    rm = tmp_path / "rm"
+    shutil.copytree(walks_run / "rm", rm)
+    reward_model.load(rm)
+    stats = json.loads((rm / "normalization.json").read_text())
+    (rm / "normalization.json").write_text(json.dumps({**stats, "step": stats["step"] - 1}))
+    with pytest.raises(ValueError, match=f"statistics of step {stats['step'] - 1}, but the newest"):
+        reward_model.load(rm)

@@ -59,6 +59,15 @@ def read_jsonl(path: str | pathlib.Path, fields: Sequence[str]) -> list[dict[str
     return records
 
 
+def write_jsonl(path: pathlib.Path, rows: Sequence[dict]) -> None:
+    """Whole or not at all: a run killed while writing leaves no half file to resume from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(".part")
+    part.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    part.replace(path)
+    print(f"wrote {len(rows):,} records to {path}")
+
+
 def read_sft(path: str | pathlib.Path) -> list[dict[str, str]]:
     return read_jsonl(path, SFT_FIELDS)
 
