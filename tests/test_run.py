@@ -339,7 +339,9 @@ def test_data_that_runs_out_is_a_clear_error_after_a_checkpoint(tmp_path, capsys
 
 def test_a_second_signal_interrupts_a_step(tmp_path):
     """The first Ctrl-C asks the loop to stop after this step; a second one, for a step
-    that never ends, gets Python's own KeyboardInterrupt."""
+    that never ends, gets the handler from before: here Python's own KeyboardInterrupt
+    (set, since whatever ran earlier in this process may have left another)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     state = _Counter(jax.numpy.zeros((), jax.numpy.int32), jax.numpy.zeros(()))
 
     def stuck_step(s, batch):
@@ -348,9 +350,12 @@ def test_a_second_signal_interrupts_a_step(tmp_path):
         time.sleep(5)  # never reached
         return s, {}
 
-    with pytest.raises(KeyboardInterrupt):
-        run.fit(state, stuck_step, None, num_steps=2)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run.fit(state, stuck_step, None, num_steps=2)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("seed", [-1, 2**32])
