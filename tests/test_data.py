@@ -327,10 +327,16 @@ def test_prepare_corpus_caches_and_invalidates(tokenizer, tmp_path, monkeypatch)
     )
     monkeypatch.undo()
 
-    a.write_text("import sys, os\n")  # a different size changes the key even if mtime does not
+    a.write_text("import sys, os\n")
     second = prepare_corpus(tokenizer, [tmp_path / "corpus"], cache_dir=cache)
     assert tokenizer.decode(second[: np.argmax(second == tokenizer.eos_id)]) == "import sys, os\n"
     assert len(list(cache.glob("*.npy"))) == 2
+    # An edit that keeps the size and the mtime (cp -p, rsync -t) is seen too.
+    stat = a.stat()
+    a.write_text("import sys, re\n")
+    os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    third = prepare_corpus(tokenizer, [tmp_path / "corpus"], cache_dir=cache)
+    assert tokenizer.decode(third[: np.argmax(third == tokenizer.eos_id)]) == "import sys, re\n"
 
 
 def test_neighbouring_seeds_shuffle_rows_independently():
