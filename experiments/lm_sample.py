@@ -59,7 +59,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if not args.prompts_file.is_file():
         raise ValueError(f"--prompts-file {args.prompts_file} does not exist")
     try:
-        lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        # Lines end at "\n" (and "\r\n") only: str.splitlines would also cut a prompt at
+        # a form feed or U+2028.
+        text = args.prompts_file.read_text(encoding="utf-8")
+        lines = [line.removesuffix("\r") for line in text.split("\n")]
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read --prompts-file {args.prompts_file}: {e}") from None
     prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]

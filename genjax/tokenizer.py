@@ -49,13 +49,24 @@ def _training_chunks(texts: Iterable[str], chunk_chars: int = _CHUNK_CHARS) -> I
     """Chunks of whole lines; every chunk but a document's first starts with "\\n".
 
     sentencepiece strips a *trailing* newline from each sentence, so the newline
-    that separates two chunks is carried at the start of the next one instead.
+    that separates two chunks is carried at the start of the next one instead. A line
+    longer than ``chunk_chars`` goes in pieces of that many characters, each a chunk:
+    sentencepiece skips, without a word, a sentence over its ``max_sentence_length``
+    bytes (minified code, data in a string), and a chunk stays under it this way.
     """
     for text in texts:
         lines = text.split("\n")
         chunk: list[str] = []
         size = 0
         for i, line in enumerate(lines):
+            if len(line) > chunk_chars:
+                if chunk:
+                    yield "\n".join(chunk)
+                    chunk, size = [], 0
+                for start in range(0, len(line), chunk_chars):
+                    newline = "\n" if i > 0 and start == 0 else ""
+                    yield newline + line[start : start + chunk_chars]
+                continue
             chunk.append(("\n" if i > 0 and not chunk else "") + line)
             size += len(line) + 1
             if size >= chunk_chars:

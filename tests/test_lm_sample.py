@@ -132,3 +132,12 @@ def test_cli_without_checkpoint(tmp_path, capsys, load_script):
     )
     assert code == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_a_prompts_file_is_split_at_newlines_only(tmp_path, load_script):
+    import argparse
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\u2028b\fc\r\nd\\ne\n\n", encoding="utf-8")
+    args = argparse.Namespace(prompt=None, prompts_file=prompts)
+    assert load_script("experiments/lm_sample.py").read_prompts(args) == ["a\u2028b\fc", "d\ne"]

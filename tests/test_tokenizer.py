@@ -199,3 +199,11 @@ def test_text_that_is_not_valid_unicode_is_a_clear_error(tokenizer):
     """An argv whose bytes are not UTF-8 reaches Python as lone surrogates."""
     with pytest.raises(ValueError, match=r"cannot encode 'caf\\udce9'.*valid Unicode"):
         tokenizer.encode("caf\udce9")
+
+
+def test_lines_longer_than_a_training_sentence_are_learned(tmp_path):
+    """sentencepiece skips a sentence over 16 KB: an 18,000-character line goes in pieces."""
+    text = "zq" * 9000
+    tok = Tokenizer.train([text, "x = 1\n" + text], vocab_size=265, model_path=tmp_path / "m")
+    assert len(tok.encode("zq" * 8)) <= 2  # a learned piece, not 16 bytes
+    assert tok.decode(tok.encode(text)) == text
