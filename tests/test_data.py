@@ -352,3 +352,14 @@ def test_neighbouring_seeds_shuffle_rows_independently():
     assert first[1] != second[0] and first[2] != second[1]
     assert epochs(3) == first  # and a seed still gives one order
     assert all(sorted(e) == list(range(10)) for e in first)
+
+
+def test_a_corpus_folder_follows_symlinked_folders_once(tmp_path):
+    from genjax.data.corpus import expand_paths
+
+    a = _touch(tmp_path / "corpus", "pkg/a.py")
+    b = _touch(tmp_path / "elsewhere", "b.py")
+    (tmp_path / "corpus" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "corpus" / "pkg" / "up").symlink_to(tmp_path / "corpus")  # a loop
+    files = expand_paths([tmp_path / "corpus"])
+    assert [f.resolve() for f in files] == [b.resolve(), a.resolve()]

@@ -101,15 +101,31 @@ def split_by_module(
     return train, val
 
 
+def _text_files_under(directory: pathlib.Path) -> list[pathlib.Path]:
+    """The ``*.py``/``*.txt`` files under ``directory``, sorted. Symlinked folders are
+    followed (``rglob`` does not before Python 3.13), each real folder once: a link back
+    up is no loop, and a folder linked twice is not read twice."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        for name in files:
+            f = pathlib.Path(root, name)
+            if f.suffix in TEXT_SUFFIXES and f.is_file():
+                found.append(f)
+    return sorted(found)
+
+
 def expand_paths(paths: Iterable[str | os.PathLike]) -> list[pathlib.Path]:
     """Files as given, directories replaced by their ``*.py``/``*.txt`` files (sorted)."""
     out: list[pathlib.Path] = []
     for p in paths:
         path = pathlib.Path(p)
         if path.is_dir():
-            out.extend(
-                sorted(f for f in path.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file())
-            )
+            out.extend(_text_files_under(path))
         elif path.is_file():
             out.append(path)
         elif not path.exists():
