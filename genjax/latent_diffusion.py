@@ -123,8 +123,7 @@ def check_vae_step(workdir: pathlib.Path, vae_workdir: str, step: int) -> None:
             )
         return
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"vae_workdir": vae_workdir, "vae_step": step}) + "\n")
+        run.write_whole(record, json.dumps({"vae_workdir": vae_workdir, "vae_step": step}) + "\n")
 
 
 def data(cfg: Config, workdir: pathlib.Path) -> run.Data:

@@ -224,9 +224,8 @@ def data(cfg: Config, workdir: pathlib.Path) -> run.Data:
         mean = sums["sum"] / sums["count"]
         std = math.sqrt(max(sums["sum_sq"] / sums["count"] - mean**2, 0.0))
         if jax.process_index() == 0:  # whole or not at all: load trusts it once there
-            part = workdir / "normalization.json.part"
-            part.write_text(json.dumps({"mean": mean, "std": std, "step": int(state.step)}) + "\n")
-            part.replace(workdir / "normalization.json")
+            stats = {"mean": mean, "std": std, "step": int(state.step)}
+            run.write_whole(workdir / "normalization.json", json.dumps(stats) + "\n")
         print(f"training rewards: mean {mean:.4f}, std {std:.4f} (saved for normalization)")
 
     return run.Data(

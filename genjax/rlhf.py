@@ -664,10 +664,7 @@ def check_pipeline_workdir(workdir: pathlib.Path, settings: dict) -> None:
                 "command it was made with, or use another --workdir"
             )
         return
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(settings) + "\n")
-    tmp.replace(path)
+    run.write_whole(path, json.dumps(settings) + "\n")
 
 
 def over_seeds(rows: list[dict[str, float]], worst: str) -> dict:

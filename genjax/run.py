@@ -493,6 +493,15 @@ def _evaluate_at_the_end(
         logger.log(step, result.metrics)
 
 
+def write_whole(path: pathlib.Path, text: str) -> None:
+    """Writes ``text`` to ``path`` whole or not at all (a temporary file, then a rename):
+    a command killed while writing leaves no half file for the next one to trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    part.write_text(text, encoding="utf-8")
+    part.replace(path)
+
+
 def train_to_end(cfg: Any, workdir: str | pathlib.Path, family: Family) -> FitResult:
     """``train``, raising ``Stopped`` when a signal stopped the run early: for commands and
     pipelines, whose next stage must not start from an unfinished run."""

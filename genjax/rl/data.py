@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from genjax import run
 from genjax.tokenizer import Tokenizer
 
 SFT_FIELDS = ("prompt", "response")
@@ -61,10 +62,7 @@ def read_jsonl(path: str | pathlib.Path, fields: Sequence[str]) -> list[dict[str
 
 def write_jsonl(path: pathlib.Path, rows: Sequence[dict]) -> None:
     """Whole or not at all: a run killed while writing leaves no half file to resume from."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_suffix(".part")
-    part.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    part.replace(path)
+    run.write_whole(path, "".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {len(rows):,} records to {path}")
 
 
