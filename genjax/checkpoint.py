@@ -14,9 +14,11 @@ is removed when the next `Checkpointer` opens the directory).
 
 `restore` checks the saved config against this run's before reading any
 tensor, then tries the newest step and falls back to older ones if a step is
-corrupt, so a damaged checkpoint costs progress, not the run. A step-0
-checkpoint may carry no data position (a run started from given parameters,
-``run.start``): nothing has been read yet, so the iterator starts at the beginning.
+corrupt, so a damaged checkpoint costs progress, not the run. The processes of
+a multi-process run agree on the data positions (a file each): a step whose
+position fails to read on any of them is skipped by all. A step-0 checkpoint may
+carry no data position (a run started from given parameters, ``run.start``):
+nothing has been read yet, so the iterator starts at the beginning.
 """
 
 import json
@@ -32,7 +34,9 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 _MISSING = "<missing>"
 # Characters of an error's first line kept in a skip warning.
@@ -177,16 +181,22 @@ class Checkpointer:
         start_position = None if data_iterator is None else data_iterator.get_state()
         failures: list[tuple[int, str]] = []
         for step in steps:
-            try:
+            try:  # one file that every process reads: it fails on all of them or on none
                 saved_config = self._read_config(step)
             except Exception as e:
                 failures.append(self._skip(step, e))
                 continue
             # Outside the try: a mismatch is the user's to fix, not a reason to fall back.
             self._check_config(saved_config, step)
+            error = _everywhere(self._check_position, step, data_iterator)
+            if error is not None:
+                failures.append(self._skip(step, error))
+                continue
             try:
                 state = self._restore_items(step, abstract_state, data_iterator)
             except Exception as e:
+                if jax.process_count() > 1:
+                    raise self._unrestorable_here(step, e) from e
                 failures.append(self._skip(step, e))
                 if data_iterator is not None:
                     data_iterator.set_state(start_position)
@@ -266,15 +276,46 @@ class Checkpointer:
                 "config (Checkpointer.saved_config())."
             )
 
+    def _check_position(self, step: int, data_iterator) -> None:
+        """Raises if this process's data position at `step` is missing or unreadable.
+
+        Each process has its own position file (grain's ``process_{i}-of-{n}.json``), so
+        it is read before orbax's restore, and the processes agree on it: a read that
+        fails inside orbax's restore on one process leaves the others at its barrier.
+        """
+        if data_iterator is None:
+            return
+        folder = pathlib.Path(self.directory) / str(step) / "data"
+        if not folder.is_dir():
+            if step != 0:  # only a run that has read nothing may lack a position
+                raise FileNotFoundError("data iterator position missing")
+            return
+        position = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        json.loads(position.read_text())
+
     def _restore_items(self, step: int, abstract_state: Any, data_iterator) -> Any:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            has_position = (pathlib.Path(self.directory) / str(step) / "data").is_dir()
-            if has_position:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-            elif step != 0:  # only a run that has read nothing may lack a position
-                raise FileNotFoundError("data iterator position missing")
+        if (
+            data_iterator is not None
+            and (pathlib.Path(self.directory) / str(step) / "data").is_dir()
+        ):
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def _unrestorable_here(self, step: int, error: Exception) -> UnrestorableError:
+        """A multi-process run's step that failed inside orbax's restore on this process.
+
+        The others may have read it and now wait at orbax's barrier, so this process
+        cannot fall back alone, nor tell them to: the run stops with what to do.
+        """
+        return UnrestorableError(
+            f"checkpoint step {step} in {self.directory} could not be read on process "
+            f"{jax.process_index()} ({_reason(error)}). A multi-process run does not fall "
+            "back past a step one process fails to read inside orbax's restore: move the "
+            f"step's folder out of {self.directory} and rerun. If every step fails the same "
+            "way, the state being restored into differs from the saved one (another "
+            "optimizer or model)."
+        )
 
     def _skip(self, step: int, error: Exception) -> tuple[int, str]:
         """Marks a step that would not restore; returns (step, why in a few words)."""
@@ -282,8 +323,30 @@ class Checkpointer:
         return step, _reason(error)
 
 
+class _FailedElsewhere(Exception):
+    """A step this process read but another process of the run could not."""
+
+
+def _everywhere(check: Callable[..., None], *args) -> Exception | None:
+    """The error check(*args) raised here, or a `_FailedElsewhere` if it raised on another
+    process of the run; None if it passed on all of them. Every process must call it."""
+    try:
+        check(*args)
+        error = None
+    except Exception as e:
+        error = e
+    if jax.process_count() > 1:
+        failed = multihost_utils.process_allgather(np.int32(error is not None))
+        if error is None and failed.any():
+            where = ", ".join(str(i) for i in np.flatnonzero(failed))
+            error = _FailedElsewhere(f"unreadable on process {where}")
+    return error
+
+
 def _reason(error: Exception) -> str:
     """Why a step would not restore, in a few words."""
+    if isinstance(error, _FailedElsewhere):
+        return str(error)
     first_line = (str(error).splitlines() or [""])[0]
     # tensorstore errors open with an absl status ("OUT_OF_RANGE: Error opening ...")
     # and go on with a driver spec no user needs here.

@@ -6,6 +6,7 @@ reading SLURM's environment)."""
 import os
 import pathlib
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_lm_pretrain import COMMON, SCRIPT, _losses, _run, corpus  # noqa: F401
+from tests.test_lm_pretrain import COMMON, SCRIPT, STEPS, _losses, _run, corpus  # noqa: F401
 
 pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -54,15 +55,49 @@ def _assert_same_losses(two, one):
     )
 
 
-def test_two_processes_match_one_process(tmp_path, corpus, one_process_losses):  # noqa: F811
-    multi = tmp_path / "multi"
+def _run_two_processes(workdir, corpus, *, exit_code=0) -> list[str]:  # noqa: F811
+    """Both processes' output; fails the test if either exits otherwise or hangs."""
     port = _free_port()
     env = _two_process_env()
-    procs = [_start_process(i, multi, corpus, port, env) for i in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    procs = [_start_process(i, workdir, corpus, port, env) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-4000:]
-    _assert_same_losses(_losses(multi), one_process_losses)
+        assert p.returncode == exit_code, out[-4000:]
+    return outs
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, corpus):  # noqa: F811
+    multi = tmp_path_factory.mktemp("multi")
+    _run_two_processes(multi, corpus)
+    return multi
+
+
+def test_two_processes_match_one_process(two_process_run, one_process_losses):
+    _assert_same_losses(_losses(two_process_run), one_process_losses)
+
+
+def test_step_unreadable_on_one_process_is_skipped_by_both(
+    tmp_path,
+    corpus,  # noqa: F811
+    two_process_run,
+    one_process_losses,
+):
+    """Process 1's data position at the newest step is damaged; process 0's reads. Both
+    must resume from the step before, or they wait on each other's collectives."""
+    workdir = tmp_path / "multi"
+    shutil.copytree(two_process_run, workdir)
+    newest = workdir / "checkpoints" / str(STEPS)
+    (newest / "data" / "process_1-of-2.json").write_text("{")
+    outs = _run_two_processes(workdir, corpus)
+    assert f"skipped checkpoint step {STEPS} (unreadable on process 1)" in outs[0], outs[0]
+    for out in outs:
+        assert f"restored step {STEPS - 10}" in out, out[-4000:]
+    _assert_same_losses(_losses(workdir), one_process_losses)
 
 
 # What SLURM's srun does on one node: start SLURM_NTASKS copies of the command, each told
@@ -111,3 +146,22 @@ def test_slurm_launcher_joins_the_tasks_into_one_run(tmp_path, corpus, one_proce
     refused = subprocess.run(["bash", "tpu_scripts/slurm_gpu.sbatch", "experiments/missing.py"],
                              cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
     assert refused.returncode == 2 and "give the experiment script" in refused.stderr
+
+
+def test_step_unreadable_inside_orbax_stops_every_process_with_what_to_do(
+    tmp_path,
+    corpus,  # noqa: F811
+    two_process_run,
+):
+    """Arrays that fail to read inside orbax's restore: a process cannot fall back alone
+    (the others may wait at orbax's barrier), so each stops and names the step."""
+    workdir = tmp_path / "multi"
+    shutil.copytree(two_process_run, workdir)
+    for f in (workdir / "checkpoints" / str(STEPS) / "state").rglob("d/*"):
+        f.write_bytes(b"garbage")
+    outs = _run_two_processes(workdir, corpus, exit_code=2)
+    for i, out in enumerate(outs):
+        assert (
+            f"checkpoint step {STEPS} in " in out and f"could not be read on process {i} (" in out
+        )
+        assert "move the step's folder out of" in out, out[-4000:]
