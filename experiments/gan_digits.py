@@ -5,7 +5,7 @@ Command (resumes when re-run with the same --workdir):
     python experiments/gan_digits.py --workdir runs/gan-digits
 
 Hardware: a 2-core CPU, about 10 minutes with the cores shared by two runs. Expected
-(seeds 0–4): Fréchet distance 1.47× the real-vs-real floor's on average, 1.65× at worst,
+(seeds 0–4): Fréchet distance 1.21× the real-vs-real floor's on average, 1.36× at worst,
 10/10 classes, precision 0.88 and recall 0.83 against the floor's 0.92 and 0.91
 (experiments/benchmarks/RESULTS.md). With no other flags, 2,000 updates of 128 digits: a
 convolutional generator conditioned on the class (a label embedding joined to z) against

@@ -6,8 +6,8 @@ Command (resumes when re-run with the same --workdir):
 
 Hardware: a 2-core CPU, about 6 minutes (seed 0, the cores shared with another run).
 Expected: test bits/dim about 1.93 (seed 0: 1.928; scikit-learn's GaussianMixture
-2.82, KernelDensity 3.28), Fréchet distance about 3.4× the real-vs-real floor's (seed 0:
-25.3 against 7.39). With no other flags, 1,500
+2.82, KernelDensity 3.28), Fréchet distance about 3× the real-vs-real floor's (seed 0:
+25.3 against 8.98). With no other flags, 1,500
 updates of 128 digits (a convolutional encoder and decoder, a 16-D latent, a discretized
 logistic over the 17 gray levels, KL warm-up over the first 1,000 updates). Evaluation
 decodes 1,000 latents from the prior (the decoder's mean, rounded to the levels) and

@@ -529,9 +529,10 @@ _DIGITS = Config(
     # 5,000 updates (about 4 a second on 2 CPU cores) and the evaluation fit in 30 minutes.
     run=run.RunConfig(steps=5000, checkpoint_every=1000, log_every=100),
     # Heun with churn, guidance below 1 (towards the unconditional model): one run of
-    # 8,000 updates, seed 0, 1,000 samples, FD over the real-vs-real floor: guidance 1.5
-    # 1.69×, 1 1.21×, 0.8 1.09×; with churn 30: 1.15× at guidance 1, 1.02× at 0.8
-    # (conditional accuracy 0.976, the floor's 0.975). RESULTS.md has the seeds' scores.
+    # 8,000 updates, seed 0, 1,000 samples, FD over one draw of the real-vs-real floor
+    # (7.39, the lowest of five): guidance 1.5 1.69×, 1 1.21×, 0.8 1.09×; with churn 30:
+    # 1.15× at guidance 1, 1.02× at 0.8 (conditional accuracy 0.976, the floor's 0.975).
+    # RESULTS.md has the seeds' scores.
     sample=SampleConfig(steps=32, num=1000, guidance=0.8, churn=30.0),
 )
 IMAGE_PRESETS = {

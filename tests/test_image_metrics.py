@@ -119,7 +119,8 @@ def test_real_floor_is_far_better_than_noise(digits, classifier):
     floor = metrics.real_floor(digits, classifier, 360)
     noise_unit = np.random.default_rng(0).uniform(-1, 1, (360, 8, 8, 1))
     noise = metrics.image_metrics(noise_unit, digits, classifier)
-    assert set(floor) == {*noise, "conditional_accuracy"}
+    spread = {"frechet_distance_min", "frechet_distance_max"}
+    assert set(floor) == {*noise, "conditional_accuracy", *spread}
     assert floor["frechet_distance"] < noise["frechet_distance"] / 50
     assert floor["kid"] < noise["kid"] / 50
     assert floor["precision"] > 0.8 and floor["recall"] > 0.8 and floor["coverage"] > 0.9
@@ -129,6 +130,20 @@ def test_real_floor_is_far_better_than_noise(digits, classifier):
     test_unit = images.to_unit(digits.test, 17)
     scored = metrics.image_metrics(test_unit, digits, classifier, labels=digits.test_labels)
     assert scored["conditional_accuracy"] == pytest.approx(classifier.test_accuracy)
+
+
+def test_real_floor_is_the_mean_of_its_draws(digits, classifier):
+    """Each draw is one seed's set of train images: the floor of 3 draws at seed 4 is the
+    mean of the one-draw floors at seeds 4, 5 and 6, their FDs its spread."""
+    one_draw = [metrics.real_floor(digits, classifier, 200, seed=s, draws=1) for s in (4, 5, 6)]
+    floor = metrics.real_floor(digits, classifier, 200, seed=4, draws=3)
+    fds = [f["frechet_distance"] for f in one_draw]
+    assert len(set(fds)) == 3  # the draws differ
+    for key in ("frechet_distance", "kid", "precision", "recall", "coverage"):
+        assert floor[key] == pytest.approx(np.mean([f[key] for f in one_draw]), rel=1e-6)
+    assert (floor["frechet_distance_min"], floor["frechet_distance_max"]) == (min(fds), max(fds))
+    with pytest.raises(ValueError, match="draws=0; the floor needs at least one set"):
+        metrics.real_floor(digits, classifier, 200, draws=0)
 
 
 def test_bad_counts_and_shapes(digits, classifier):

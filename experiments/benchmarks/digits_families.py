@@ -125,9 +125,14 @@ def main(argv=None) -> int:
         )  # fmt: skip
         lines += likelihood_table(runs, rows)
     counts = sorted({r["num"] for r in runs.values()})
+    floor = next(iter(runs.values()))["floor"]
+    spread = ""
+    if "frechet_distance_min" in floor:  # runs scored before 2026-12-06 hold one draw
+        spread = (f", the mean of its draws (FD {floor['frechet_distance_min']:.2f}–"
+                  f"{floor['frechet_distance_max']:.2f})")  # fmt: skip
     header = [
         f"runs: {', '.join(f'{n} = {w}' for n, w in parse_runs(args.runs).items())}",
-        f"samples per run: {counts}; the floor scores as many real train digits",
+        f"samples per run: {counts}; the floor scores as many real train digits{spread}",
     ]
     benchmarking.report(
         "Digits: every family side by side",
