@@ -247,10 +247,11 @@ def real_floor(
 ) -> dict[str, float]:
     """``image_metrics`` of ``num`` train images against the test split, the mean over
     ``draws`` sets drawn without replacement (at seeds ``seed``, ``seed + 1``, …): the
-    real-vs-real floor at that sample count. One set's scores move with the draw (FD by
-    a few percent on the digits), so the spread of its FD comes too: "frechet_distance_min"
-    and "frechet_distance_max". Its "conditional_accuracy" is the classifier's test
-    accuracy, since it has seen the train images.
+    real-vs-real floor at that sample count. One set's scores move with the draw (the
+    digits' FD at 1,000 images: 7.39 to 9.82 over five draws), so the spread of its FD
+    comes too: "frechet_distance_min" and "frechet_distance_max". Its
+    "conditional_accuracy" is the classifier's test accuracy, since it has seen the train
+    images.
 
     ``num`` is at most the train split's size: resampling real images with
     replacement would put exact duplicates in the set, which no perfect sampler
