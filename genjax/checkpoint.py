@@ -14,9 +14,9 @@ is removed when the next `Checkpointer` opens the directory).
 
 `restore` checks the saved config against this run's before reading any
 tensor, then tries the newest step and falls back to older ones if a step is
-corrupt, so a damaged checkpoint costs progress, not the run. The processes of
-a multi-process run agree on the data positions (a file each): a step whose
-position fails to read on any of them is skipped by all. A step-0 checkpoint may
+corrupt, so a damaged checkpoint costs progress, not the run. Each process of a
+multi-process run reads its own arrays and data position (a file each), and the
+processes agree: a step that fails to read on any of them is skipped by all. A step-0 checkpoint may
 carry no data position (a run started from given parameters, ``run.start``):
 nothing has been read yet, so the iterator starts at the beginning.
 """
@@ -181,23 +181,16 @@ class Checkpointer:
         start_position = None if data_iterator is None else data_iterator.get_state()
         failures: list[tuple[int, str]] = []
         for step in steps:
-            try:  # one file that every process reads: it fails on all of them or on none
-                saved_config = self._read_config(step)
-            except Exception as e:
-                failures.append(self._skip(step, e))
-                continue
-            # Outside the try: a mismatch is the user's to fix, not a reason to fall back.
-            self._check_config(saved_config, step)
-            error = _everywhere(self._check_position, step, data_iterator)
+            saved_config, error = _everywhere(self._read_config, step)
             if error is not None:
                 failures.append(self._skip(step, error))
                 continue
-            try:
-                state = self._restore_items(step, abstract_state, data_iterator)
-            except Exception as e:
-                if jax.process_count() > 1:
-                    raise self._unrestorable_here(step, e) from e
-                failures.append(self._skip(step, e))
+            # Outside the agreement: a mismatch is the user's to fix, not a reason to
+            # fall back (every process read the same file, so every one raises).
+            self._check_config(saved_config, step)
+            state, error = _everywhere(self._read_step, step, abstract_state, data_iterator)
+            if error is not None:
+                failures.append(self._skip(step, error))
                 if data_iterator is not None:
                     data_iterator.set_state(start_position)
                 continue
@@ -256,8 +249,10 @@ class Checkpointer:
         return step in self._manager.all_steps() and step not in self._corrupt_steps
 
     def _read_config(self, step: int) -> dict:
-        args = ocp.args.Composite(config=ocp.args.JsonRestore())
-        return self._manager.restore(step, args=args)["config"]
+        return ocp.JsonCheckpointHandler().restore(self._step_dir(step) / "config")
+
+    def _step_dir(self, step: int) -> pathlib.Path:
+        return pathlib.Path(self.directory) / str(step)
 
     def _check_config(self, saved: dict, step: int) -> None:
         try:
@@ -276,46 +271,28 @@ class Checkpointer:
                 "config (Checkpointer.saved_config())."
             )
 
-    def _check_position(self, step: int, data_iterator) -> None:
-        """Raises if this process's data position at `step` is missing or unreadable.
+    def _read_step(self, step: int, abstract_state: Any, data_iterator) -> Any:
+        """This process's arrays of `step`; its data position set on `data_iterator`.
 
-        Each process has its own position file (grain's ``process_{i}-of-{n}.json``), so
-        it is read before orbax's restore, and the processes agree on it: a read that
-        fails inside orbax's restore on one process leaves the others at its barrier.
+        Read with orbax's and grain's handlers, not the manager's restore: that ends at
+        a barrier of every process, so a process whose read failed (its own position
+        file, the chunks only it reads) could neither fall back alone nor tell the
+        others, who wait there. Here each process reads, then they agree.
         """
-        if data_iterator is None:
-            return
-        folder = pathlib.Path(self.directory) / str(step) / "data"
-        if not folder.is_dir():
-            if step != 0:  # only a run that has read nothing may lack a position
+        folder = self._step_dir(step)
+        if data_iterator is not None:
+            if (folder / "data").is_dir():
+                _check_process_count(folder / "data")
+                grain.checkpoint.CheckpointHandler().restore(
+                    folder / "data", args=grain.checkpoint.CheckpointRestore(data_iterator)
+                )
+            elif step != 0:  # only a run that has read nothing may lack a position
                 raise FileNotFoundError("data iterator position missing")
-            return
-        position = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        json.loads(position.read_text())
-
-    def _restore_items(self, step: int, abstract_state: Any, data_iterator) -> Any:
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if (
-            data_iterator is not None
-            and (pathlib.Path(self.directory) / str(step) / "data").is_dir()
-        ):
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
-
-    def _unrestorable_here(self, step: int, error: Exception) -> UnrestorableError:
-        """A multi-process run's step that failed inside orbax's restore on this process.
-
-        The others may have read it and now wait at orbax's barrier, so this process
-        cannot fall back alone, nor tell them to: the run stops with what to do.
-        """
-        return UnrestorableError(
-            f"checkpoint step {step} in {self.directory} could not be read on process "
-            f"{jax.process_index()} ({_reason(error)}). A multi-process run does not fall "
-            "back past a step one process fails to read inside orbax's restore: move the "
-            f"step's folder out of {self.directory} and rerun. If every step fails the same "
-            "way, the state being restored into differs from the saved one (another "
-            "optimizer or model)."
-        )
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            return handler.restore(folder / "state", args=ocp.args.StandardRestore(abstract_state))
+        finally:
+            handler.close()
 
     def _skip(self, step: int, error: Exception) -> tuple[int, str]:
         """Marks a step that would not restore; returns (step, why in a few words)."""
@@ -327,20 +304,31 @@ class _FailedElsewhere(Exception):
     """A step this process read but another process of the run could not."""
 
 
-def _everywhere(check: Callable[..., None], *args) -> Exception | None:
-    """The error check(*args) raised here, or a `_FailedElsewhere` if it raised on another
-    process of the run; None if it passed on all of them. Every process must call it."""
+def _everywhere(read: Callable[..., Any], *args) -> tuple[Any, Exception | None]:
+    """(read(*args), None) if it returned on every process of the run; else (None, the
+    error it raised here, or a `_FailedElsewhere` if it raised on another process).
+    Every process must call it."""
     try:
-        check(*args)
-        error = None
+        value, error = read(*args), None
     except Exception as e:
-        error = e
+        value, error = None, e
     if jax.process_count() > 1:
         failed = multihost_utils.process_allgather(np.int32(error is not None))
         if error is None and failed.any():
             where = ", ".join(str(i) for i in np.flatnonzero(failed))
-            error = _FailedElsewhere(f"unreadable on process {where}")
-    return error
+            value, error = None, _FailedElsewhere(f"unreadable on process {where}")
+    return value, error
+
+
+def _check_process_count(data_folder: pathlib.Path) -> None:
+    """Raises if the positions at `data_folder` were written by another number of
+    processes than this run has (grain names each ``process_{i}-of-{n}.json``)."""
+    n = jax.process_count()
+    written = {f.name.rsplit("-of-", 1)[-1].removesuffix(".json") for f in data_folder.iterdir()
+               if f.name.startswith("process_")}  # fmt: skip
+    if written and str(n) not in written:
+        counts = " or ".join(sorted(written))
+        raise ValueError(f"written by {counts} processes, this run has {n}: resume with {counts}")
 
 
 def _reason(error: Exception) -> str:
