@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark scripts: they run and print their tables."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -173,7 +174,12 @@ def test_compile_clock_counts_a_nested_compile_once(load_script):
 
 
 @pytest.mark.slow
-def test_diffusion_digits_quality_scores_a_run(tmp_path, tiny_digits_run):
+def test_diffusion_digits_quality_scores_a_run(tmp_path, tiny_digits_run, load_script):
+    quality = load_script("experiments/benchmarks/diffusion_digits_quality.py")
+    logged = quality.logged_bits_per_dim(tiny_digits_run, 20)  # the run's own evaluation
+    report = json.loads((tiny_digits_run / "eval.json").read_text())
+    assert logged == report["samples"]["test_bits_per_dim"]
+    assert quality.logged_bits_per_dim(tiny_digits_run, 19) is None
     plot = tmp_path / "steps.png"
     out = _run_script(
         "diffusion_digits_quality.py", "--workdirs", str(tiny_digits_run), "--num", "20",
@@ -184,6 +190,7 @@ def test_diffusion_digits_quality_scores_a_run(tmp_path, tiny_digits_run):
                 "| GaussianMixture, k = 10, full covariance |", "| DDIM | 2 | 2 | ", "DDIM's η 1):",
                 "| adaptive PF-ODE (Dopri5) | adaptive | "):  # fmt: skip
         assert row in out.stdout, out.stdout
+    assert f"test_bits_per_dim {logged:.4g}" in out.stdout
     assert plot.stat().st_size > 0
 
 

@@ -18,12 +18,14 @@ Three tables:
    accuracy; then mean and worst over the runs, and the floor (``real_floor``: as many
    real train digits scored the same way, the mean of 5 draws).
 2. **Test bits/dim**: each run's probability-flow ODE likelihood
-   (``diffuse.test_bits_per_dim``) beside scikit-learn density models fitted here on the
-   dequantized train split and scored on the dequantized test split (uniform
-   dequantization to [−1, 1], ``genjax.data.images.dequantize`` with fixed keys; per-image
-   log-densities turned into bits/dim by ``genjax.data.images.bits_per_dim``, as genjax's):
-   ``GaussianMixture`` (full covariance, random_state 0) with k = 10 and with k chosen by
-   5-fold cross-validated likelihood on the train split over ``--gmm-ks``, and a Gaussian
+   (``diffuse.test_bits_per_dim``; read from the run's metrics log where its evaluation
+   at the checkpoint's step logged it, the same solve of the same EMA weights) beside
+   scikit-learn density models fitted here on the dequantized train split and scored on
+   the dequantized test split (uniform dequantization to [−1, 1],
+   ``genjax.data.images.dequantize`` with fixed keys; per-image log-densities turned into
+   bits/dim by ``genjax.data.images.bits_per_dim``, as genjax's): ``GaussianMixture``
+   (full covariance, random_state 0) with k = 10 and with k chosen by 5-fold
+   cross-validated likelihood on the train split over ``--gmm-ks``, and a Gaussian
    ``KernelDensity`` whose bandwidth is chosen the same way.
 3. **Steps vs quality** (the first run): Fréchet distance and images/s of each of
    ``--samplers`` (SAMPLER-STEPS, or ``ode``: the adaptive probability-flow ODE), at the
@@ -64,6 +66,7 @@ from genjax import config as configlib
 from genjax.data import images as imagelib
 from genjax.metrics import density_baselines
 from genjax.metrics import images as image_metrics
+from genjax.metrics_log import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "experiments" / "diffusion_digits.py"
@@ -157,14 +160,25 @@ def timed_draw(cfg, params, *, num: int, sampler: str, steps: int) -> tuple[np.n
     return samples, wall - compile_s[0]
 
 
-def score_run(cfg, params, images, *, num: int, nll: bool) -> dict:
+def logged_bits_per_dim(workdir: pathlib.Path, step: int) -> float | None:
+    """The test bits/dim the run's own evaluation logged at ``step``, if it did: the
+    solve ``diffuse.test_bits_per_dim`` would repeat (EMA weights, seed 0)."""
+    logged = [r["test_bits_per_dim"] for r in read_metrics(workdir)
+              if r.get("step") == step and "test_bits_per_dim" in r]  # fmt: skip
+    return logged[-1] if logged else None
+
+
+def score_run(loaded: run.Loaded, workdir: pathlib.Path, images, *, num: int, nll: bool) -> dict:
     """The run's own evaluation at ``num`` samples, with images/s of the sampling."""
-    s = cfg.sample
+    cfg, params, s = loaded.cfg, loaded.state.ema_params, loaded.cfg.sample
     samples, seconds = timed_draw(cfg, params, num=num, sampler=s.sampler, steps=s.steps)
     scores = generative.score_images(samples, images, diffuse.sample_labels(cfg.model, num))
     scores["images_per_s"] = num / seconds
     if nll:
-        scores["test_bits_per_dim"] = diffuse.test_bits_per_dim(cfg, params, images)
+        bpd = logged_bits_per_dim(workdir, loaded.step)
+        if bpd is None:
+            bpd = diffuse.test_bits_per_dim(cfg, params, images)
+        scores["test_bits_per_dim"] = bpd
     return scores
 
 
@@ -335,8 +349,8 @@ def main(argv=None) -> int:
         f"{pathlib.Path(w).name} (step {r.step})" for w, r in zip(workdirs, loaded, strict=True)
     ]
     runs = []
-    for name, r in zip(names, loaded, strict=True):
-        scores = score_run(r.cfg, r.state.ema_params, images, num=num, nll=not args.no_nll)
+    for name, r, workdir in zip(names, loaded, workdirs, strict=True):
+        scores = score_run(r, workdir, images, num=num, nll=not args.no_nll)
         scores["fd_ratio"] = scores["frechet_distance"] / floor["frechet_distance"]
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()), flush=True)
         runs.append(scores)
