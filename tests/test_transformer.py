@@ -221,7 +221,7 @@ def test_splash_attention_equals_xla_attention_with_gqa(params):
 
     def loss_and_grad(attention):
         cfg = dataclasses.replace(CFG, attention=attention, max_seq_len=128)
-        f = jax.value_and_grad(lambda p: transformer.loss(cfg, p, {"tokens": tokens})[0])
+        f = jax.jit(jax.value_and_grad(lambda p: transformer.loss(cfg, p, {"tokens": tokens})[0]))
         return f(params)
 
     (loss_xla, grad_xla), (loss_splash, grad_splash) = loss_and_grad("xla"), loss_and_grad("splash")
