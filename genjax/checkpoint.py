@@ -29,6 +29,7 @@ import re
 import shutil
 import sys
 import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -173,6 +174,7 @@ class Checkpointer:
         """
         self._manager.wait_until_finished()
         steps = sorted(self._manager.all_steps(), reverse=True)
+        self._check_same_steps_everywhere(steps)
         if not steps:
             return None
         _ignore_reads_left_in_flight()
@@ -247,6 +249,20 @@ class Checkpointer:
     def on_disk(self, step: int) -> bool:
         """Whether `step` is committed and not known to be corrupt."""
         return step in self._manager.all_steps() and step not in self._corrupt_steps
+
+    def _check_same_steps_everywhere(self, steps: list[int]) -> None:
+        """Raises on every process if the processes of the run list different steps (a
+        step another job committed or removed between their listings): they would try,
+        and could restore, different steps."""
+        if jax.process_count() == 1:
+            return
+        fingerprint = np.uint32(zlib.crc32(repr(steps).encode()))
+        if len(set(multihost_utils.process_allgather(fingerprint).tolist())) > 1:
+            raise CheckpointError(
+                f"the processes of this run list different checkpoint steps in "
+                f"{self.directory} (process {jax.process_index()}: {sorted(steps)}): is "
+                "another job still writing there? Stop it and rerun."
+            )
 
     def _read_config(self, step: int) -> dict:
         return ocp.JsonCheckpointHandler().restore(self._step_dir(step) / "config")

@@ -226,6 +226,24 @@ def test_no_restorable_step_raises(tmp_path, mesh):
     assert "step 1: " in str(e.value)
 
 
+def test_processes_that_list_different_steps_refuse_before_reading(tmp_path, mesh, monkeypatch):
+    """Another process of the run listed other steps (a job still writing there): they
+    would try, and could restore, different steps."""
+    save_steps(tmp_path, mesh, [1, 2])
+    ckpt = Checkpointer(tmp_path, config=CONFIG)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    gathered = []
+
+    def allgather(x):  # process 1's fingerprint of its listing differs from ours
+        gathered.append(x)
+        return np.array([x, x + 1])
+
+    monkeypatch.setattr(checkpoint.multihost_utils, "process_allgather", allgather)
+    with pytest.raises(checkpoint.CheckpointError, match=r"list different checkpoint steps"):
+        ckpt.restore(abstract(make_state(mesh, 0)))
+    assert len(gathered) == 1  # refused before any step was read
+
+
 def _drop_with_unretrieved_error(error: Exception) -> None:
     """A failed future nobody awaited, collected: asyncio logs it as an error."""
     loop = asyncio.new_event_loop()
