@@ -190,6 +190,8 @@ class Checkpointer:
             # Outside the agreement: a mismatch is the user's to fix, not a reason to
             # fall back (every process read the same file, so every one raises).
             self._check_config(saved_config, step)
+            if data_iterator is not None:
+                self._check_process_count(step)
             state, error = _everywhere(self._read_step, step, abstract_state, data_iterator)
             if error is not None:
                 failures.append(self._skip(step, error))
@@ -287,6 +289,22 @@ class Checkpointer:
                 "config (Checkpointer.saved_config())."
             )
 
+    def _check_process_count(self, step: int) -> None:
+        """Raises if `step`'s data positions were written by another number of processes
+        than this run has (grain names each ``process_{i}-of-{n}.json``): every step of
+        the run would fail the same way, so this is the user's to fix, not a fallback."""
+        folder = self._step_dir(step) / "data"
+        n = jax.process_count()
+        written = {f.name.rsplit("-of-", 1)[-1].removesuffix(".json")
+                   for f in (folder.iterdir() if folder.is_dir() else ())
+                   if f.name.startswith("process_")}  # fmt: skip
+        if written and str(n) not in written:
+            counts = " or ".join(sorted(written))
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} holds the data positions of "
+                f"{counts} processes; this run has {n}: resume it with {counts} processes"
+            )
+
     def _read_step(self, step: int, abstract_state: Any, data_iterator) -> Any:
         """This process's arrays of `step`; its data position set on `data_iterator`.
 
@@ -298,7 +316,6 @@ class Checkpointer:
         folder = self._step_dir(step)
         if data_iterator is not None:
             if (folder / "data").is_dir():
-                _check_process_count(folder / "data")
                 grain.checkpoint.CheckpointHandler().restore(
                     folder / "data", args=grain.checkpoint.CheckpointRestore(data_iterator)
                 )
@@ -334,17 +351,6 @@ def _everywhere(read: Callable[..., Any], *args) -> tuple[Any, Exception | None]
             where = ", ".join(str(i) for i in np.flatnonzero(failed))
             value, error = None, _FailedElsewhere(f"unreadable on process {where}")
     return value, error
-
-
-def _check_process_count(data_folder: pathlib.Path) -> None:
-    """Raises if the positions at `data_folder` were written by another number of
-    processes than this run has (grain names each ``process_{i}-of-{n}.json``)."""
-    n = jax.process_count()
-    written = {f.name.rsplit("-of-", 1)[-1].removesuffix(".json") for f in data_folder.iterdir()
-               if f.name.startswith("process_")}  # fmt: skip
-    if written and str(n) not in written:
-        counts = " or ".join(sorted(written))
-        raise ValueError(f"written by {counts} processes, this run has {n}: resume with {counts}")
 
 
 def _reason(error: Exception) -> str:
