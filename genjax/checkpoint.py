@@ -16,9 +16,10 @@ is removed when the next `Checkpointer` opens the directory).
 tensor, then tries the newest step and falls back to older ones if a step is
 corrupt, so a damaged checkpoint costs progress, not the run. Each process of a
 multi-process run reads its own arrays and data position (a file each), and the
-processes agree: a step that fails to read on any of them is skipped by all. A step-0 checkpoint may
-carry no data position (a run started from given parameters, ``run.start``):
-nothing has been read yet, so the iterator starts at the beginning.
+processes agree: a step that fails to read on any of them is skipped by all. A
+step-0 checkpoint may carry no data position (a run started from given
+parameters, ``run.start``): nothing has been read yet, so the iterator starts at
+the beginning.
 """
 
 import json
