@@ -1,16 +1,30 @@
-"""Test setup: 8 fake CPU devices, set before JAX initializes."""
+"""Test setup, before JAX initializes: 8 fake CPU devices, and one compilation cache
+for the session."""
 
 import importlib.util
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile the same tiny programs many times: every run builds its own jitted step,
+# and subprocesses (killed runs, two-process runs) start cold. JAX's persistent cache
+# serves a program compiled once to every later test and subprocess (they inherit the
+# environment). Its key is the program with debug info stripped, so a changed program
+# compiles anew. Fresh for each session, so nothing carries over between runs.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="genjax-tests-jax-cache-")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
 
 import jax
 import pytest
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
