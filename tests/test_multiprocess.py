@@ -26,8 +26,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_process(i, workdir, corpus, port, env):  # noqa: F811
+def _start_process(i, workdir, corpus, port, env, extra):  # noqa: F811
     cmd = [sys.executable, str(SCRIPT), "--workdir", str(workdir), "--corpus", str(corpus), *COMMON]
+    cmd += extra
     cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -55,11 +56,11 @@ def _assert_same_losses(two, one):
     )
 
 
-def _run_two_processes(workdir, corpus, *, exit_code=0) -> list[str]:  # noqa: F811
+def _run_two_processes(workdir, corpus, *extra, exit_code=0) -> list[str]:  # noqa: F811
     """Both processes' output; fails the test if either exits otherwise or hangs."""
     port = _free_port()
     env = _two_process_env()
-    procs = [_start_process(i, workdir, corpus, port, env) for i in range(2)]
+    procs = [_start_process(i, workdir, corpus, port, env, extra) for i in range(2)]
     try:
         outs = [p.communicate(timeout=600)[0] for p in procs]
     finally:
@@ -174,6 +175,26 @@ def test_step_whose_arrays_are_unreadable_is_skipped_by_both(
     for out in outs:
         assert f"restored step {STEPS - 10}" in out, out[-4000:]
     _assert_same_losses(_losses(workdir), one_process_losses)
+
+
+def test_chunks_unreadable_on_one_process_only_are_skipped_by_both(tmp_path, corpus):  # noqa: F811
+    """With fsdp spanning the processes, each process writes and reads only its own
+    shards of the parameters. Damage process 1's alone: only its read fails, and both
+    fall back to the step before together."""
+    sharded = ("--mesh", "fsdp=4,tensor=2")
+    uninterrupted = tmp_path / "uninterrupted"
+    _run_two_processes(uninterrupted, corpus, *sharded)
+    workdir = tmp_path / "damaged"
+    shutil.copytree(uninterrupted, workdir)
+    own_chunks = list((workdir / "checkpoints" / str(STEPS) / "state").glob("ocdbt.process_1/d/*"))
+    assert own_chunks, "process 1 wrote no shards of its own"
+    for f in own_chunks:
+        f.write_bytes(b"garbage")
+    outs = _run_two_processes(workdir, corpus, *sharded)
+    assert f"skipped checkpoint step {STEPS} (unreadable on process 1)" in outs[0], outs[0]
+    for out in outs:
+        assert f"restored step {STEPS - 10}" in out, out[-4000:]
+    _assert_same_losses(_losses(workdir), _losses(uninterrupted))
 
 
 def test_one_process_refuses_the_positions_of_two_naming_the_counts(
