@@ -27,8 +27,8 @@ def _free_port() -> int:
 
 
 def _start_process(i, workdir, corpus, port, env, extra):  # noqa: F811
-    cmd = [sys.executable, str(SCRIPT), "--workdir", str(workdir), "--corpus", str(corpus), *COMMON]
-    cmd += extra
+    cmd = [sys.executable, str(SCRIPT), "--workdir", str(workdir), "--corpus", str(corpus)]
+    cmd += [*COMMON, *extra]
     cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
