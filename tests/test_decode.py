@@ -495,3 +495,24 @@ def test_release_free_heap_calls_malloc_trim_where_there_is_one(monkeypatch):
     assert calls == [0]  # free everything above the heap's live top
     monkeypatch.setattr(layouts, "_MALLOC_TRIM", None)  # macOS, musl, Windows
     layouts.release_free_heap()
+
+
+def test_decoding_traced_into_a_step_holds_no_host_callback(params):
+    """JAX's persistent compilation cache refuses programs holding a host callback: an RL
+    step that decodes its rollouts must not carry the streaming one."""
+    prompt_BP = jnp.asarray([[0, 0, 2, 5], [2, 40, 41, 42]])
+
+    def rollouts(params, seeds_B):
+        return decode.sample_in_jit(CFG, params, prompt_BP, jnp.array([2, 0]), seeds_B,
+                                    temperature=1.0, max_new_tokens=4, eos_id=2)  # fmt: skip
+
+    seeds_B = jnp.arange(2, dtype=jnp.uint32)
+    assert "callback" not in jax.jit(rollouts).lower(params, seeds_B).as_text()
+    streaming = decode.decoding_program({}).lower(
+        CFG, kv_cache.split_layers(params), prompt_BP, jnp.array([2, 0]), seeds_B,
+        np.float32(1.0), np.int32(0), np.float32(1.0), np.int32(2), decode._stop_array(()),
+        np.bool_(False), max_new_tokens=4, return_logits=False, cache_block=None,
+    )  # fmt: skip
+    assert "callback" in streaming.as_text()  # the check above can fail
+    tokens_BN = np.asarray(jax.jit(rollouts)(params, seeds_B))
+    assert tokens_BN.shape == (2, 4) and (tokens_BN < CFG.vocab_size).all()

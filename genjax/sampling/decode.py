@@ -73,7 +73,7 @@ def _generate(
     top_p: jax.Array,
     eos_id: jax.Array,
     stops_QM: jax.Array,
-    stream: jax.Array,
+    stream: jax.Array | None,
     *,
     max_new_tokens: int,
     return_logits: bool,
@@ -83,7 +83,9 @@ def _generate(
 
     ``params`` in the ``kv_cache.split_layers`` layout. Returns (new tokens
     [B, N] padded with -1 after a row stops, number of steps run, logits
-    [B, N, V] or None). The loop ends early once every row stopped.
+    [B, N, V] or None). The loop ends early once every row stopped. ``stream`` a traced
+    bool: each step's tokens go to the current listener when true; None: the loop holds
+    no callback at all.
     """
     B, P = prompt_BP.shape
     N = max_new_tokens
@@ -106,8 +108,8 @@ def _generate(
         token_B = sample_logits(logits_BV, step_keys_B, temperature, top_k, top_p)
         token_B = jnp.where(done_B, _NO_TOKEN, token_B)
         out_BN = jax.lax.dynamic_update_index_in_dim(out_BN, token_B, step, 1)
-        # A traced switch: streaming or not is the same program (one compile).
-        jax.lax.cond(stream, lambda: jax.debug.callback(_deliver, step, token_B), lambda: None)
+        if stream is not None:  # a traced switch: streaming or not is one program
+            jax.lax.cond(stream, lambda: jax.debug.callback(_deliver, step, token_B), lambda: None)
         if return_logits:
             all_logits = jax.lax.dynamic_update_index_in_dim(all_logits, logits_BV, step, 1)
         window_BM = jnp.concatenate([window_BM[:, 1:], token_B[:, None]], axis=1)
@@ -134,11 +136,13 @@ def sample_in_jit(cfg: transformer.Config, params, prompt_BP: jax.Array, start_B
                   eos_id: int) -> jax.Array:  # fmt: skip
     """New tokens [B, max_new_tokens] of left-padded prompts (row b starts at
     ``start_B[b]``), -1 after a row's ``eos_id``, which is kept: the decoding loop traced
-    into a caller's jit (an RL step's rollouts). ``params`` in the model's own layout."""
+    into a caller's jit (an RL step's rollouts). ``params`` in the model's own layout.
+    Nothing streams: a program holding a host callback never enters JAX's persistent
+    compilation cache, and the caller's step would compile anew in every process."""
     out_BN, _, _ = _generate(
         cfg, kv_cache.split_layers(params), prompt_BP, start_B, seeds_B,
         jnp.float32(temperature), jnp.int32(0), jnp.float32(1.0), jnp.int32(eos_id),
-        jnp.asarray(_stop_array(())), jnp.bool_(False),
+        jnp.asarray(_stop_array(())), None,
         max_new_tokens=max_new_tokens, return_logits=False, cache_block=None,
     )  # fmt: skip
     return out_BN
